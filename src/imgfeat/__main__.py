@@ -1,0 +1,3 @@
+from imgfeat.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""The `imgfeat` command: extract, info, layers. A user's mistake is one line on stderr and a
+non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+from imgfeat.errors import UsageError
+from imgfeat.head import POOLS
+from imgfeat.imaging import DEFAULT_MAX_PIXELS
+from imgfeat.models import DEFAULT_MODEL
+from imgfeat.models.preprocess import INTERPOLATIONS, RESIZE_MODES
+from imgfeat.plan import DEFAULT_SHARD_SIZE
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UsageError as exc:
+        print(f"imgfeat: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        hint = f"; committed shards are kept in {out}: run the same command again to resume" \
+            if out else ""
+        print(f"\nimgfeat: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgfeat", description="Extract deep features from large image collections.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_extract(commands)
+    info = commands.add_parser("info", help="counts, feature shape, model, errors by reason")
+    info.add_argument("out", metavar="OUT")
+    info.set_defaults(handler=run_info)
+    layers = commands.add_parser("layers", help="the layer names that --layer accepts")
+    layers.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL)
+    layers.set_defaults(handler=run_layers)
+    return parser
+
+
+def _add_extract(commands) -> None:
+    p = commands.add_parser("extract", help="extract features of images into a store",
+                            description="Extract features of every image in SOURCE... into OUT.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="folder of images (recursive), list file of paths, or image file")
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=DEFAULT_MODEL, help=f"timm:NAME or torchvision:NAME "
+                   f"(default {DEFAULT_MODEL})")
+    m.add_argument("--weights", default="pretrained",
+                   help="pretrained (download), random (no network), or PATH to a state dict")
+    m.add_argument("--layer", help="module name to tap (default: pooled pre-logits embedding)")
+    m.add_argument("--pool", default="avg", choices=POOLS, help="pooling of spatial maps")
+    m.add_argument("--l2", action="store_true", help="L2-normalise each feature")
+    pre = p.add_argument_group("preprocessing (default: the model's own)")
+    pre.add_argument("--image-size", type=int, metavar="N", help="input size N x N")
+    pre.add_argument("--crop-pct", type=float, help="fraction of the resized image kept by crop")
+    pre.add_argument("--resize-mode", choices=RESIZE_MODES,
+                     help="crop: keep aspect, centre crop; squash: stretch; pad: fit and pad")
+    pre.add_argument("--interpolation", choices=list(INTERPOLATIONS))
+    pre.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
+    pre.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
+    pre.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help=f"refuse larger images as decompression bombs "
+                     f"(default {DEFAULT_MAX_PIXELS})")
+    r = p.add_argument_group("run")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--devices", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    r.add_argument("--threads", type=int, help="decode threads (default: cores)")
+    r.add_argument("--dtype", default="float16", choices=("float16", "float32"),
+                   help="stored feature type")
+    r.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an output folder that holds different features")
+    r.add_argument("--quiet", action="store_true", help="no progress and no summary")
+    p.set_defaults(handler=run_extract)
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from imgfeat.run import extract
+
+    options = {k: v for k, v in vars(args).items()
+               if k not in {"sources", "out", "quiet", "handler", "command"}}
+    extract(args.sources, args.out, progress="none" if args.quiet else "auto", **options)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from imgfeat.store.reader import Store
+
+    with Store(args.out) as store:
+        print(describe(store))
+    return 0
+
+
+def describe(store) -> str:
+    m = store.manifest
+    planned = store.planned_shards
+    lines = [
+        f"store      {store.layout.root}",
+        f"model      {store.model} (weights: {m['weights'].get('path') or m['weights']['kind']})",
+        f"layer      {store.layer}  pool={m['pool']}  l2={m['l2']}",
+        f"features   {len(store):,} x {tuple(store.feature_shape)} {store.dtype}",
+        f"errors     {len(store.errors):,}",
+        f"shards     {len(store.shards)} committed of "
+        f"{planned if planned is not None else '? (plan not finished)'}",
+    ]
+    if store.missing_shards:
+        lines.append(f"missing    shards {_ranges(store.missing_shards)}: "
+                     "run the same extract command again to finish")
+    if store.errors:
+        lines.append("errors by reason:")
+        groups = Counter(reason.split(":")[0] for _, reason in store.errors)
+        example = {}
+        for key, reason in store.errors:
+            example.setdefault(reason.split(":")[0], key)
+        for reason, count in groups.most_common():
+            lines.append(f"  {count:>8,}  {reason}  (e.g. {example[reason]})")
+    return "\n".join(lines)
+
+
+def _ranges(indices: list[int]) -> str:
+    spans, start = [], indices[0]
+    for prev, cur in zip(indices, indices[1:] + [None]):
+        if cur != prev + 1:
+            spans.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(spans)
+
+
+def run_layers(args: argparse.Namespace) -> int:
+    import torch
+
+    from imgfeat.models import load_model
+    from imgfeat.models.layers import list_layers
+
+    model = load_model(args.model, "random")  # names and shapes need no download
+    size = model.preprocess.size
+    infos = list_layers(model, torch.zeros((1, 3, *size)))
+    width = max(len(i.name) for i in infos)
+    print(f"# {model.spec}, input 3x{size[0]}x{size[1]}: name, type, output shape per image")
+    for info in infos:
+        shape = "x".join(map(str, info.shape)) if info.shape else "-"
+        print(f"{info.name:<{width}}  {info.kind:<22} {shape}")
+    return 0

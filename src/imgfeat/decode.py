@@ -1,0 +1,59 @@
+"""The decode pool: reads, decodes and shapes images on threads (Pillow releases the GIL),
+in order, with a bounded number in flight so memory does not grow with the shard."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+
+from imgfeat.errors import ImageError
+from imgfeat.imaging import decode
+from imgfeat.models.preprocess import Preprocess
+from imgfeat.sources import Item
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else os.cpu_count() or 1)
+
+
+def load_pixels(item: Item, preprocess: Preprocess, max_pixels: int | None) -> np.ndarray | str:
+    """The model-sized uint8 pixels of one item, or the reason it has none."""
+    if item.error is not None:
+        return item.error
+    try:
+        with open(item.path, "rb") as handle:
+            data = handle.read()
+        return preprocess.geometry(decode(data, max_pixels))
+    except ImageError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror or exc}"
+    except Exception as exc:  # a decoder bug must cost one image, never the run
+        return f"decoder failed: {type(exc).__name__}: {exc}"
+
+
+def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T],
+                ahead: int) -> Iterator[tuple[T, R]]:
+    """(item, fn(item)) in input order, with at most `ahead` calls queued or running."""
+    pending: deque[tuple[T, Future]] = deque()
+    try:
+        for item in items:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) >= ahead:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+    finally:
+        for _, future in pending:
+            future.cancel()

@@ -1,0 +1,87 @@
+"""Bytes in, an 8-bit RGB Pillow image out, or one `ImageError` with a readable reason.
+
+Decoding never guesses: a truncated file is an error, not a half-grey picture, and pixel
+formats with no defined 8-bit range (32-bit integer or float) are refused rather than clipped.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from imgfeat.errors import ImageError
+
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own bomb threshold: a 2 GB RGBA image
+
+# Our own limit replaces Pillow's; a global warning filter would hide it from users' code.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a viewer would
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def decode(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an encoded image to RGB: first frame, EXIF orientation applied."""
+    if not data:
+        raise ImageError("empty file")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image Pillow can read") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"unreadable image header: {exc}") from None
+    _check_size(image, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": harmless, not ours to print
+            image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            return to_rgb(image)
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"corrupt or truncated image ({image.format}): {exc}") from None
+
+
+def _check_size(image: Image.Image, max_pixels: int | None) -> None:
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(
+            f"image too large: {width}x{height} = {width * height} pixels, "
+            f"over the limit of {max_pixels} (raise it with --max-pixels)"
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Turn any Pillow mode into 8-bit RGB without clipping or guessing."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        mode = "RGBA" if "transparency" in image.info else "RGB"
+        image = image.convert(mode)
+        if mode == "RGB":
+            return image
+    if mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and image.format == "PNG"):
+        # PNG decodes 16-bit grey to mode I; 65535 maps to 255.
+        wide = np.asarray(image, dtype=np.uint32)
+        grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode in {"I", "F"}:
+        raise ImageError(
+            f"{'32-bit integer' if mode == 'I' else 'floating-point'} pixels "
+            "have no defined 8-bit range"
+        )
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV

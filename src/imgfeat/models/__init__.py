@@ -1,0 +1,37 @@
+"""Model specs resolve to a module plus its preprocessing: `timm:NAME`, `torchvision:NAME`."""
+
+from __future__ import annotations
+
+from imgfeat.errors import UsageError
+from imgfeat.models import timm_backend, torchvision_backend
+from imgfeat.models.base import LoadedModel
+from imgfeat.models.preprocess import Preprocess
+from imgfeat.models.weights import file_sha256, state_digest
+
+DEFAULT_MODEL = "timm:resnet50"
+BACKENDS = {"timm": timm_backend.load, "torchvision": torchvision_backend.load}
+
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "Preprocess", "load_model"]
+
+
+def load_model(spec: str, weights: str = "pretrained") -> LoadedModel:
+    """Resolve `spec` (`timm:resnet50`, `torchvision:vit_b_16`) with `weights`
+    (`pretrained`, `random`, or a path to a state dict)."""
+    prefix, sep, name = spec.partition(":")
+    if not sep or prefix not in BACKENDS or not name:
+        raise UsageError(
+            f"unknown model spec {spec!r}: write it as "
+            + " or ".join(f"{p}:NAME" for p in BACKENDS)
+            + " (e.g. timm:resnet50)"
+        )
+    loaded = BACKENDS[prefix](name, weights)
+    loaded.weights = _describe_weights(loaded, weights)
+    return loaded
+
+
+def _describe_weights(loaded: LoadedModel, weights: str) -> dict:
+    kind = weights if weights in ("pretrained", "random") else "file"
+    described = {"kind": kind, "digest": state_digest(loaded.module)}
+    if kind == "file":
+        described.update(path=weights, sha256=file_sha256(weights))
+    return described

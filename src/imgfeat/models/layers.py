@@ -1,0 +1,135 @@
+"""Layers chosen by name: a tap records one module's output (or the classifier's input) and
+stops the forward pass there, so tapping an early layer costs only the layers before it."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import torch
+
+from imgfeat.errors import UsageError
+from imgfeat.models.base import LoadedModel
+
+PRE_LOGITS = "pre_logits"
+
+
+class _Reached(Exception):
+    """Raised by a hook once the tapped tensor is in hand: the rest of the net is skipped."""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    kind: str
+    shape: tuple[int, ...] | None  # output shape for one image; None if not a tensor
+
+
+def resolve_layer(model: LoadedModel, layer: str | None) -> str:
+    """The canonical name of `layer` (None: the pre-logits embedding), or a one-line error."""
+    if layer in (None, PRE_LOGITS):
+        if model.classifier is None:
+            raise UsageError(f"{model.spec} has no linear classifier to take the pre-logits "
+                             "embedding from; choose a layer with --layer "
+                             f"(imgfeat layers {model.spec} lists them)")
+        return PRE_LOGITS
+    names = [n for n, _ in model.module.named_modules() if n]
+    if layer not in names:
+        close = difflib.get_close_matches(layer, names, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UsageError(f"unknown layer {layer!r} for {model.spec}{hint}; "
+                         f"'imgfeat layers {model.spec}' lists the valid names")
+    return layer
+
+
+class Tap:
+    """Runs the model up to one layer and returns that layer's tensor.
+
+    A module called several times in one pass (a shared activation) is tapped at its last
+    call, which `calls` (counted by a probe pass) says.
+    """
+
+    def __init__(self, model: LoadedModel, layer: str):
+        self.module = model.module
+        self.layer = layer
+        self._target = model.classifier if layer == PRE_LOGITS else layer
+        self._calls = 1
+        self._seen = 0
+        self._tensor: torch.Tensor | None = None
+        target = self.module.get_submodule(self._target)
+        if layer == PRE_LOGITS:
+            target.register_forward_pre_hook(self._on_input)
+        else:
+            target.register_forward_hook(self._on_output)
+
+    def probe(self, batch: torch.Tensor) -> torch.Tensor:
+        """A first pass that counts the calls of the target module; returns its tensor."""
+        self._calls = 10**9
+        try:
+            self._run(batch)
+        finally:
+            self._calls = max(1, self._seen)
+        return self(batch)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self._run(batch)
+        if self._tensor is None:
+            raise RuntimeError(f"layer {self.layer} was not reached by the forward pass")
+        tensor, self._tensor = self._tensor, None
+        return tensor
+
+    def _run(self, batch: torch.Tensor) -> None:
+        self._seen, self._tensor = 0, None
+        try:
+            self.module(batch)
+        except _Reached:
+            pass
+
+    def _on_input(self, _module, args) -> None:
+        self._record(args[0] if args else None)
+
+    def _on_output(self, _module, _args, output) -> None:
+        self._record(output)
+
+    def _record(self, value) -> None:
+        self._seen += 1
+        self._tensor = _first_tensor(value, self.layer)
+        if self._seen >= self._calls:
+            raise _Reached
+
+
+def _first_tensor(value, layer: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for element in value:
+            if isinstance(element, torch.Tensor):
+                return element
+    raise UsageError(f"layer {layer} gives a {type(value).__name__}, not a tensor; "
+                     "choose another layer")
+
+
+def list_layers(model: LoadedModel, batch: torch.Tensor) -> list[LayerInfo]:
+    """Every named module with its output shape for one image, in call order of definition."""
+    shapes: dict[str, tuple[int, ...] | None] = {}
+
+    def hook(name):
+        def record(_module, _args, output):
+            tensor = output if isinstance(output, torch.Tensor) else None
+            shapes[name] = tuple(tensor.shape[1:]) if tensor is not None else None
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.module.named_modules() if n]
+    try:
+        with torch.inference_mode():
+            model.module(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    infos = [LayerInfo(n, type(m).__name__, shapes.get(n))
+             for n, m in model.module.named_modules() if n]
+    if model.classifier is not None:
+        classifier = model.module.get_submodule(model.classifier)
+        width = getattr(classifier, "in_features", None)
+        infos.insert(0, LayerInfo(PRE_LOGITS, "embedding (default)", (width,) if width else None))
+    return infos

@@ -1,0 +1,106 @@
+"""Preprocessing as data: the geometry a model wants (resize, crop) and its normalisation.
+
+Geometry runs per image in the decode pool and yields uint8 HWC arrays; normalisation runs once
+per batch on the device, so only a quarter of the bytes cross to the GPU and the float maths
+happens where it is cheap. The geometry mirrors timm's eval transform exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from imgfeat.errors import UsageError
+
+RESIZE_MODES = ("crop", "squash", "pad")
+INTERPOLATIONS = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "lanczos": InterpolationMode.LANCZOS,
+    "box": InterpolationMode.BOX,
+    "hamming": InterpolationMode.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """`size` is the (height, width) fed to the model; `crop_pct` how much of the resized
+    image the crop keeps; `mode`: crop (keep aspect, centre crop), squash (stretch), pad
+    (keep aspect, fit inside, pad with the mean colour)."""
+
+    size: tuple[int, int] = (224, 224)
+    crop_pct: float = 0.875
+    mode: str = "crop"
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        if self.mode not in RESIZE_MODES:
+            raise UsageError(f"unknown resize mode {self.mode!r}; choose {', '.join(RESIZE_MODES)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise UsageError(f"unknown interpolation {self.interpolation!r}; "
+                             f"choose {', '.join(INTERPOLATIONS)}")
+        if not 0 < self.crop_pct <= 1:
+            raise UsageError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
+        if min(self.size) < 1 or len(self.mean) != 3 or len(self.std) != 3 or 0 in self.std:
+            raise UsageError("image size must be positive and --mean/--std three non-zero values")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_overrides(self, **changes) -> Preprocess:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def scale_size(self) -> tuple[int, int]:
+        return tuple(math.floor(s / self.crop_pct) for s in self.size)
+
+    def geometry(self, image: Image.Image) -> np.ndarray:
+        """Resize and crop an RGB image to `size`; uint8 array of shape (H, W, 3)."""
+        resample = INTERPOLATIONS[self.interpolation]
+        scale = self.scale_size
+        if self.mode == "squash":
+            image = F.resize(image, list(scale), interpolation=resample)
+        elif self.mode == "pad":
+            image = _fit_inside(image, scale, resample)
+            image = F.center_crop(image, list(self.size)) if _larger(image, self.size) else image
+            return _pad_to(np.asarray(image), self.size, self.mean)
+        elif scale[0] == scale[1]:
+            image = F.resize(image, scale[0], interpolation=resample)
+        else:
+            ratio = max(scale[0] / image.height, scale[1] / image.width)
+            target = [round(image.height * ratio), round(image.width * ratio)]
+            image = F.resize(image, target, interpolation=resample)
+        return np.asarray(F.center_crop(image, list(self.size)))
+
+    def normalizer(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) so that `uint8 * scale + shift` is the normalised float input."""
+        std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        return 1.0 / (255.0 * std), -mean / std
+
+
+def _fit_inside(image: Image.Image, box: tuple[int, int], resample) -> Image.Image:
+    ratio = min(box[0] / image.height, box[1] / image.width)
+    target = [max(1, round(image.height * ratio)), max(1, round(image.width * ratio))]
+    return F.resize(image, target, interpolation=resample)
+
+
+def _larger(image: Image.Image, size: tuple[int, int]) -> bool:
+    return image.height > size[0] or image.width > size[1]
+
+
+def _pad_to(array: np.ndarray, size: tuple[int, int], mean) -> np.ndarray:
+    out = np.empty((size[0], size[1], 3), dtype=np.uint8)
+    out[:] = np.round(np.asarray(mean) * 255).astype(np.uint8)
+    top, left = (size[0] - array.shape[0]) // 2, (size[1] - array.shape[1]) // 2
+    out[top:top + array.shape[0], left:left + array.shape[1]] = array
+    return out

@@ -1,0 +1,104 @@
+"""The plan cuts the ordered item stream into fixed shards and records them in the output folder.
+
+A shard's item list is written to `plan/shard-NNNNNN.jsonl` (atomically) before any work on it,
+so a rerun sees the same shards even if the source folder has changed since. Planning streams:
+it holds one shard's items at a time, and finds duplicate keys with an on-disk index rather
+than a set of every key.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+from imgfeat.errors import UsageError
+from imgfeat.sources import Item
+from imgfeat.store.layout import Layout, write_atomic
+
+DEFAULT_SHARD_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A description of one shard: small enough for a coordinator to hold millions."""
+
+    index: int
+    count: int
+
+
+def write_shard_items(layout: Layout, index: int, items: list[Item]) -> None:
+    lines = [json.dumps([i.key, i.path] if i.error is None else [i.key, i.path, i.error])
+             for i in items]
+    write_atomic(layout.plan_file(index), ("\n".join(lines) + "\n").encode())
+
+
+def read_shard_items(layout: Layout, index: int) -> list[Item]:
+    try:
+        text = layout.plan_file(index).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"plan of shard {index} is unreadable: {exc}") from None
+    return [Item(*json.loads(line)) for line in text.splitlines() if line]
+
+
+def recorded_shards(layout: Layout) -> list[Shard]:
+    """Shards already planned, in order: the contiguous run of plan files from 0."""
+    shards = []
+    while layout.plan_file(len(shards)).exists():
+        shards.append(Shard(len(shards), len(read_shard_items(layout, len(shards)))))
+    return shards
+
+
+class KeyIndex:
+    """Every key planned so far, on disk, so that a duplicate is found in bounded memory."""
+
+    def __init__(self, path: Path):
+        self._db = sqlite3.connect(path)
+        self._db.execute("CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY) WITHOUT ROWID")
+
+    def add_new(self, keys: list[str]) -> list[bool]:
+        """Record keys; True for each one not seen before (in this batch or earlier)."""
+        fresh = []
+        for key in keys:
+            cursor = self._db.execute("INSERT OR IGNORE INTO keys VALUES (?)", (key,))
+            fresh.append(cursor.rowcount == 1)
+        return fresh
+
+    def commit(self) -> None:
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.commit()
+        self._db.close()
+
+
+def plan_shards(
+    items: Iterable[Item], layout: Layout, shard_size: int, already: list[Shard]
+) -> Iterator[Shard]:
+    """Write and yield the shards after `already` (those a killed run had recorded)."""
+    index = KeyIndex(layout.key_index)
+    try:
+        stream = iter(items)
+        for shard in already:  # re-walked items of recorded shards: keep the index whole
+            keys = [item.key for item in islice(stream, shard.count)]
+            index.add_new(keys)
+        if already and keys[-1:] != [read_shard_items(layout, already[-1].index)[-1].key]:
+            raise UsageError(
+                "the source changed since this run's plan was recorded; "
+                "rerun with --overwrite to start again from the source as it is now"
+            )
+        number = len(already)
+        while batch := list(islice(stream, shard_size)):
+            fresh = index.add_new([item.key for item in batch])
+            batch = [item if new or item.error else
+                     Item(item.key, None, "duplicate key: an earlier item has the same key")
+                     for item, new in zip(batch, fresh)]
+            write_shard_items(layout, number, batch)
+            index.commit()  # after the plan file: a crash in between re-adds on resume
+            yield Shard(number, len(batch))
+            number += 1
+    finally:
+        index.close()

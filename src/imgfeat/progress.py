@@ -1,0 +1,105 @@
+"""Progress a person can read: a live bar on a terminal, a plain line every few seconds in a
+log, nothing with --quiet; and a summary at the end in every case but quiet."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+LINE_INTERVAL_S = 10.0
+
+
+class _Rate(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} img/s" if speed else "-- img/s", style="cyan")
+
+
+class Reporter:
+    """Counts images (rows and errors) and shows them as `mode` says: bar, lines or none."""
+
+    def __init__(self, mode: str = "auto", stream=None, interval: float = LINE_INTERVAL_S):
+        self.stream = stream or sys.stderr
+        if mode == "auto":
+            mode = "bar" if self.stream.isatty() else "lines"
+        self.mode = mode
+        self.interval = interval
+        self.total: int | None = None
+        self.done = self.rows = self.errors = 0
+        self.already_done = 0
+        self._started = time.monotonic()
+        self._last_line = self._started
+        self._bar: Progress | None = None
+
+    def start(self, total: int | None, already_done: int = 0) -> None:
+        self.total, self.already_done = total, already_done
+        if self.mode == "bar":
+            self._bar = Progress(
+                TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                TextColumn("[red]{task.fields[errors]} errors"), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn(),
+                console=Console(file=self.stream), transient=False)
+            self._bar.start()
+            self._task = self._bar.add_task("extract", total=total, completed=already_done,
+                                            errors=0)
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self._bar is not None:
+            self._bar.update(self._task, total=total)
+
+    def advance(self, rows: int, errors: int) -> None:
+        self.rows += rows
+        self.errors += errors
+        self.done += rows + errors
+        if self._bar is not None:
+            self._bar.update(self._task, advance=rows + errors, errors=self.errors)
+        elif self.mode == "lines" and time.monotonic() - self._last_line >= self.interval:
+            self._last_line = time.monotonic()
+            self._print(self._line())
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self._started
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def _line(self) -> str:
+        rate = self.rate()
+        done = self.done + self.already_done
+        if self.total is None:
+            return f"extract: {done:,} images, {rate:,.1f} img/s, {self.errors:,} errors"
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        return (f"extract: {done:,}/{self.total:,} images ({100 * done / max(1, self.total):.1f}%)"
+                f", {rate:,.1f} img/s, {self.errors:,} errors, eta {_clock(eta)}")
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def summary(self, message: str) -> None:
+        self.stop()
+        if self.mode != "none":
+            self._print(message)
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no rate yet
+        return "--:--"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -1,0 +1,1 @@
+"""The output folder: layout, manifest, shard writer, and the reader users open."""

@@ -1,0 +1,74 @@
+"""Where each part of an output folder lives, and how a file is written atomically."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+TEMP_MARK = ".tmp-"  # readers ignore any name containing it
+
+
+class Layout:
+    """The paths of one output folder (format 1)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.manifest = self.root / "manifest.json"
+        self.plan_dir = self.root / "plan"
+        self.shards_dir = self.root / "shards"
+        self.features = self.root / "features.h5"
+        self.key_index = self.plan_dir / "keys.sqlite"
+
+    def plan_file(self, index: int) -> Path:
+        return self.plan_dir / f"shard-{index:06d}.jsonl"
+
+    def shard_file(self, index: int) -> Path:
+        return self.shards_dir / f"shard-{index:06d}.h5"
+
+    def committed(self) -> set[int]:
+        """Indices of the shards whose file exists under its final name."""
+        if not self.shards_dir.is_dir():
+            return set()
+        found = set()
+        for name in os.listdir(self.shards_dir):
+            if name.startswith("shard-") and name.endswith(".h5") and TEMP_MARK not in name:
+                try:
+                    found.add(int(name[6:-3]))
+                except ValueError:
+                    continue
+        return found
+
+    def own_paths(self) -> list[Path]:
+        """Everything imgfeat writes here; --overwrite removes these and nothing else."""
+        return [self.manifest, self.plan_dir, self.shards_dir, self.features]
+
+
+def temp_path(final: Path) -> Path:
+    """A unique temporary name beside `final`, so the rename that commits it is atomic."""
+    return final.with_name(f".{final.name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+
+
+def commit(temp: Path, final: Path) -> None:
+    """Make a fully written temporary file visible under its final name, durably."""
+    with open(temp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temp, final)
+    fsync_folder(final.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(final: Path, data: bytes) -> None:
+    temp = temp_path(final)
+    try:
+        temp.write_bytes(data)
+        commit(temp, final)
+    finally:
+        temp.unlink(missing_ok=True)

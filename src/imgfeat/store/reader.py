@@ -1,0 +1,185 @@
+"""The reader: a whole output folder opened as one table, rows in plan order."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from functools import cached_property
+
+import h5py
+import numpy as np
+
+from imgfeat.errors import UsageError
+from imgfeat.store.layout import Layout
+from imgfeat.store.manifest import read_manifest
+
+
+class Store:
+    """An output folder: `len(store)`, `store.keys`, `store.features()`, `store.errors`,
+    and `store[key]` for one image's features."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.layout = Layout(path)
+        manifest = read_manifest(self.layout)
+        if manifest is None:
+            raise UsageError(f"{path} is not an imgfeat output folder (no manifest.json)")
+        self.manifest = manifest
+        self.shards = sorted(self.layout.committed())
+        self._files: dict[int, h5py.File] = {}
+
+    def __repr__(self) -> str:
+        return (f"Store({str(self.layout.root)!r}, rows={len(self)}, errors={len(self.errors)}, "
+                f"model={self.model!r}, layer={self.layer!r})")
+
+    @property
+    def model(self) -> str:
+        return self.manifest["model"]["spec"]
+
+    @property
+    def layer(self) -> str:
+        return self.manifest["layer"]
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["feature_shape"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["dtype"])
+
+    @property
+    def planned_shards(self) -> int | None:
+        """Number of shards in the plan; None while the plan is still incomplete."""
+        plan = self.manifest.get("plan", {})
+        return len(plan["shards"]) if plan.get("complete") else None
+
+    @property
+    def missing_shards(self) -> list[int]:
+        """Planned shards with no committed file: work a rerun would still do."""
+        planned = self.planned_shards
+        if planned is None:
+            return []
+        done = set(self.shards)
+        return [i for i in range(planned) if i not in done]
+
+    @property
+    def complete(self) -> bool:
+        return self.planned_shards is not None and not self.missing_shards
+
+    def _shard(self, index: int) -> h5py.File:
+        if index not in self._files:
+            self._files[index] = h5py.File(self.layout.shard_file(index), "r")
+        return self._files[index]
+
+    @cached_property
+    def _offsets(self) -> np.ndarray:
+        counts = [self._shard(i)["features"].shape[0] for i in self.shards]
+        return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    @cached_property
+    def keys(self) -> list[str]:
+        return [k for i in self.shards for k in self._shard(i)["keys"].asstr()[:]]
+
+    @cached_property
+    def errors(self) -> list[tuple[str, str]]:
+        found = []
+        for i in self.shards:
+            group = self._shard(i)["errors"]
+            found.extend(zip(group["keys"].asstr()[:], group["reasons"].asstr()[:]))
+        return found
+
+    def features(self) -> Features:
+        """All features as a lazy array-like `[n, ...]`: slicing reads only what it needs."""
+        return Features(self)
+
+    @cached_property
+    def _positions(self) -> dict[str, int]:
+        return {key: row for row, key in enumerate(self.keys)}
+
+    def index(self, key: str) -> int:
+        try:
+            return self._positions[key]
+        except KeyError:
+            raise KeyError(f"no features for key {key!r}") from None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._positions
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.features()[self.index(key)]
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self else default
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Features:
+    """Rows of every committed shard, in plan order, read on demand."""
+
+    def __init__(self, store: Store):
+        self._store = store
+        self.shape = (len(store), *store.feature_shape)
+        self.dtype = store.dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self[:]
+        return array if dtype is None else array.astype(dtype)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, tuple):  # rows first, then the rest on the rows read
+            first, rest = index[0], index[1:]
+            rows = self[first]
+            return rows[rest] if isinstance(first, (int, np.integer)) else rows[(slice(None), *rest)]
+        if isinstance(index, (int, np.integer)):
+            row = int(index) + (len(self) if index < 0 else 0)
+            if not 0 <= row < len(self):
+                raise IndexError(f"row {index} out of range for {len(self)} rows")
+            return self._rows(np.asarray([row]))[0]
+        if isinstance(index, slice):
+            return self._rows(np.arange(len(self))[index])
+        selection = np.asarray(index)
+        if selection.dtype == bool:
+            return self._rows(np.flatnonzero(selection))
+        return self._rows(np.where(selection < 0, selection + len(self), selection).ravel())
+
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        if len(rows) == 0:
+            return out
+        store = self._store
+        owner = np.searchsorted(store._offsets, rows, side="right") - 1
+        for position in np.unique(owner):
+            mask = owner == position
+            local = rows[mask] - store._offsets[position]
+            dataset = store._shard(store.shards[position])["features"]
+            out[mask] = _read_rows(dataset, local)
+        return out
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for row in range(len(self)):
+            yield self[row]
+
+
+def _read_rows(dataset: h5py.Dataset, local: np.ndarray) -> np.ndarray:
+    """h5py wants increasing unique indices; a contiguous run is read as one slice."""
+    if len(local) and np.all(np.diff(local) == 1):
+        return dataset[int(local[0]):int(local[-1]) + 1]
+    unique, inverse = np.unique(local, return_inverse=True)
+    return dataset[unique][inverse]

@@ -1,0 +1,47 @@
+"""features.h5: HDF5 virtual datasets over every committed shard, so one file opens it all
+without a copy. Source paths are relative, so the output folder can be moved."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from imgfeat.store.layout import Layout, commit, temp_path
+from imgfeat.store.writer import STRING
+
+
+def build_virtual_file(layout: Layout, shards: list[int], shape: tuple[int, ...],
+                       dtype: str) -> None:
+    counts = {}
+    for index in shards:
+        with h5py.File(layout.shard_file(index), "r") as shard:
+            counts[index] = (shard["features"].shape[0], shard["errors/keys"].shape[0])
+    temp = temp_path(layout.features)
+    try:
+        with h5py.File(temp, "w") as out:
+            out.attrs["shards"] = np.asarray(shards, dtype=np.int64)
+            _virtual(out, "features", layout, counts, 0, shape, dtype, "features")
+            _virtual(out, "keys", layout, counts, 0, (), STRING, "keys")
+            _virtual(out, "errors/keys", layout, counts, 1, (), STRING, "errors/keys")
+            _virtual(out, "errors/reasons", layout, counts, 1, (), STRING, "errors/reasons")
+        commit(temp, layout.features)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _virtual(out: h5py.File, name: str, layout: Layout, counts: dict, which: int,
+             shape: tuple[int, ...], dtype, source_name: str) -> None:
+    total = sum(c[which] for c in counts.values())
+    if total == 0:  # HDF5 cannot map an empty virtual dataset
+        out.create_dataset(name, shape=(0, *shape), dtype=dtype)
+        return
+    layout_ = h5py.VirtualLayout(shape=(total, *shape), dtype=dtype)
+    start = 0
+    for index, count in counts.items():
+        rows = count[which]
+        if rows:
+            relative = layout.shard_file(index).relative_to(layout.root).as_posix()
+            layout_[start:start + rows] = h5py.VirtualSource(
+                relative, source_name, shape=(rows, *shape))
+            start += rows
+    out.create_virtual_dataset(name, layout_)

@@ -1,0 +1,53 @@
+"""The shard writer: rows stream into a temporary HDF5 file that becomes visible, complete,
+under its final name in one rename (fsync first), so a reader never sees half a shard."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from imgfeat.store.layout import Layout, commit, temp_path
+
+STRING = h5py.string_dtype("utf-8")
+CHUNK_BYTES = 1 << 20
+
+
+class ShardWriter:
+    def __init__(self, layout: Layout, index: int, shape: tuple[int, ...], dtype: str,
+                 capacity: int):
+        self.final = layout.shard_file(index)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = temp_path(self.final)
+        self._file = h5py.File(self.temp, "w")
+        row_bytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        rows_per_chunk = max(1, min(capacity, CHUNK_BYTES // row_bytes))
+        self._features = self._file.create_dataset(
+            "features", shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+            chunks=(rows_per_chunk, *shape))
+        self._file.attrs["shard"] = index
+        self.keys: list[str] = []
+        self.error_keys: list[str] = []
+        self.error_reasons: list[str] = []
+
+    def add_rows(self, keys: list[str], features: np.ndarray) -> None:
+        start = len(self.keys)
+        self._features.resize(start + len(keys), axis=0)
+        self._features[start:] = features
+        self.keys.extend(keys)
+
+    def add_error(self, key: str, reason: str) -> None:
+        self.error_keys.append(key)
+        self.error_reasons.append(reason)
+
+    def commit(self) -> None:
+        self._file.create_dataset("keys", data=self.keys, dtype=STRING)
+        errors = self._file.create_group("errors")
+        errors.create_dataset("keys", data=self.error_keys, dtype=STRING)
+        errors.create_dataset("reasons", data=self.error_reasons, dtype=STRING)
+        self._file.close()
+        commit(self.temp, self.final)
+
+    def discard(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+        self.temp.unlink(missing_ok=True)
