@@ -146,7 +146,9 @@ class Features:
         if isinstance(index, tuple):  # rows first, then the rest on the rows read
             first, rest = index[0], index[1:]
             rows = self[first]
-            return rows[rest] if isinstance(first, (int, np.integer)) else rows[(slice(None), *rest)]
+            if isinstance(first, (int, np.integer)):
+                return rows[rest]
+            return rows[(slice(None), *rest)]
         if isinstance(index, (int, np.integer)):
             row = int(index) + (len(self) if index < 0 else 0)
             if not 0 <= row < len(self):
