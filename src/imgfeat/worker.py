@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import torch
 
 from imgfeat.decode import load_pixels, ordered_map
@@ -40,6 +39,7 @@ class Worker:
         self._buffer = torch.empty((batch_size, *extractor.preprocess.size, 3),
                                    dtype=torch.uint8,
                                    pin_memory=extractor.device.type == "cuda")
+        self._slots = self._buffer.numpy()  # a numpy view: copying into it needs no tensor
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -64,7 +64,7 @@ class Worker:
                 writer.add_error(item.key, pixels)
                 errors += 1
                 continue
-            self._buffer[len(keys)] = torch.from_numpy(np.ascontiguousarray(pixels))
+            self._slots[len(keys)] = pixels
             keys.append(item.key)
             if len(keys) == self.batch_size:
                 self._flush(writer, keys, errors, progress)

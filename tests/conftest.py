@@ -1,0 +1,30 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+# Tests never reach a model hub: a pretrained download must fail fast, not hang.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("IMGFEAT_TEST", "1")
+
+from corpus import copy_photos, make_mixed_corpus  # noqa: E402
+
+# A small, fast setting shared by most tests: random weights, small images.
+FAST = ["--model", "timm:resnet18", "--weights", "random", "--image-size", "64",
+        "--batch-size", "4", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def mixed_corpus(tmp_path_factory) -> tuple[Path, dict[str, bool]]:
+    folder = tmp_path_factory.mktemp("mixed")
+    return folder, make_mixed_corpus(folder)
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    copy_photos(folder)
+    return folder
