@@ -3,7 +3,6 @@
 import h5py
 import numpy as np
 import pytest
-import torch
 from conftest import FAST
 from corpus import oriented_pair, photo_paths
 from PIL import Image

@@ -2,8 +2,16 @@ import io
 
 import numpy as np
 import pytest
-from corpus import (animated_gif, base_photo, bomb_png, encode, jpeg_bytes, oriented_pair,
-                    palette_alpha_png, sixteen_bit_png)
+from corpus import (
+    animated_gif,
+    base_photo,
+    bomb_png,
+    encode,
+    jpeg_bytes,
+    oriented_pair,
+    palette_alpha_png,
+    sixteen_bit_png,
+)
 from PIL import Image
 
 from imgfeat.errors import ImageError
