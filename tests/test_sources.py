@@ -98,3 +98,13 @@ def test_duplicate_keys_become_error_records(tmp_path):
     assert [(i.key, i.error is None) for i in items] == [
         ("a.jpg", True), ("b.jpg", True), ("a.jpg", False), ("a.jpg", False)]
     assert items[2].error.startswith("duplicate key")
+
+
+def test_non_utf8_file_name_gets_a_storable_key(tmp_path):
+    name = os.fsencode(tmp_path) + b"/caf\xe9.jpg"
+    with open(name, "wb") as handle:
+        handle.write(b"x")
+    [item] = list(iter_items([str(tmp_path)]))
+    assert item.key == "caf\\xe9.jpg"
+    assert os.path.exists(item.path)
+    item.key.encode("utf-8")

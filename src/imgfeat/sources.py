@@ -114,7 +114,7 @@ def _walk(folder: str, prefix: str, ancestors: tuple[tuple[int, int], ...]) -> I
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        key = prefix + entry.name
+        key = prefix + _utf8(entry.name)
         try:
             is_dir = entry.is_dir()
             is_file = not is_dir and entry.is_file()
@@ -128,6 +128,15 @@ def _walk(folder: str, prefix: str, ancestors: tuple[tuple[int, int], ...]) -> I
                 yield Item(key, entry.path)
         elif entry.is_symlink() and is_image_name(entry.name):
             yield Item(key, None, "broken symbolic link")
+
+
+def _utf8(name: str) -> str:
+    """File names that are not valid UTF-8 get a readable, storable key (the path is kept)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _walk_subfolder(entry: os.DirEntry, key: str, ancestors) -> Iterator[Item]:
