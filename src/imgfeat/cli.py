@@ -7,7 +7,8 @@ import argparse
 import sys
 from collections import Counter
 
-from imgfeat.errors import UsageError
+from imgfeat.devices import DEVICE_HELP
+from imgfeat.errors import ImgfeatError, UsageError
 from imgfeat.head import POOLS
 from imgfeat.imaging import DEFAULT_MAX_PIXELS
 from imgfeat.models import DEFAULT_MODEL
@@ -15,6 +16,7 @@ from imgfeat.models.preprocess import INTERPOLATIONS, RESIZE_MODES
 from imgfeat.plan import DEFAULT_SHARD_SIZE
 
 EXIT_USAGE = 2
+EXIT_INCOMPLETE = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -26,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"imgfeat: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ImgfeatError as exc:  # a run that could not finish: what is done is kept
+        print(f"imgfeat: error: {exc}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         hint = f"; committed shards are kept in {out}: run the same command again to resume" \
@@ -75,7 +80,8 @@ def _add_extract(commands) -> None:
                      f"(default {DEFAULT_MAX_PIXELS})")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--devices", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--devices", default="auto", help=f"{DEVICE_HELP}: one worker per device "
+                   "(auto: every GPU, else one CPU worker)")
     r.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     r.add_argument("--threads", type=int, help="decode threads (default: cores)")
     r.add_argument("--dtype", default="float16", choices=("float16", "float32"),
@@ -83,6 +89,10 @@ def _add_extract(commands) -> None:
     r.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     r.add_argument("--overwrite", action="store_true",
                    help="replace an output folder that holds different features")
+    r.add_argument("--incremental", action="store_true",
+                   help="extract only images whose keys are not in the store yet")
+    r.add_argument("--num-nodes", type=int, help="machines sharing OUT (default: SLURM's, or 1)")
+    r.add_argument("--node-rank", type=int, help="this machine's rank, 0.. (default: SLURM's)")
     r.add_argument("--quiet", action="store_true", help="no progress and no summary")
     p.set_defaults(handler=run_extract)
 

@@ -25,10 +25,17 @@ def default_threads() -> int:
                else os.cpu_count() or 1)
 
 
+# Test hook: a worker that decodes a file whose path ends with this dies on the spot, as a
+# decoder segfault would. Read once; costs one comparison per image when unset.
+_CRASH_ON = os.environ.get("IMGFEAT_TEST_CRASH_ON")
+
+
 def load_pixels(item: Item, preprocess: Preprocess, max_pixels: int | None) -> np.ndarray | str:
     """The model-sized uint8 pixels of one item, or the reason it has none."""
     if item.error is not None:
         return item.error
+    if _CRASH_ON and item.path.endswith(_CRASH_ON):
+        os._exit(99)
     try:
         with open(item.path, "rb") as handle:
             data = handle.read()

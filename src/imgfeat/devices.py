@@ -2,11 +2,65 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 
 from imgfeat.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICE_HELP = "auto, all, cpu, cpu:N, cuda or cuda:0,2,..."
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one worker runs: its device, its share of the CPU cores and its threads."""
+
+    device: str
+    torch_threads: int
+    decode_threads: int
+    cpus: tuple[int, ...] | None = None
+
+
+def parse_devices(spec: str) -> list[str]:
+    """One device string per worker: `cpu:2` is two CPU workers, `cuda` every GPU."""
+    spec = spec.strip().lower()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec == "auto":
+        return [f"cuda:{i}" for i in range(gpus)] or ["cpu"]
+    if spec in ("all", "cuda"):
+        if not gpus:
+            raise UsageError(f"--devices {spec}: no CUDA device is visible "
+                             "(use --devices cpu, cpu:N or auto)")
+        return [f"cuda:{i}" for i in range(gpus)]
+    if spec == "cpu":
+        return ["cpu"]
+    if spec.startswith("cpu:"):
+        count = spec[4:]
+        if not count.isdigit() or int(count) < 1:
+            raise UsageError(f"--devices {spec}: write cpu:N with N >= 1 workers")
+        return ["cpu"] * int(count)
+    if spec.startswith("cuda:"):
+        indices = [i.strip() for i in spec[5:].split(",")]
+        if not all(i.isdigit() for i in indices) or len(set(indices)) != len(indices):
+            raise UsageError(f"--devices {spec}: write cuda:0,1,... with distinct indices")
+        return [str(resolve_device(f"cuda:{i}")) for i in indices]
+    raise UsageError(f"unknown device {spec!r}; use {DEVICE_HELP}")
+
+
+def place_workers(devices: list[str], threads: int | None = None) -> list[Placement]:
+    """Split this machine's cores between the workers; CPU workers get disjoint cores."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else list(range(os.cpu_count() or 1))
+    share = max(1, len(cores) // len(devices))
+    placements = []
+    for slot, device in enumerate(devices):
+        mine = cores[slot * share:(slot + 1) * share] if len(cores) >= len(devices) else None
+        pinned = tuple(mine) if mine and device == "cpu" else None
+        placements.append(Placement(device, torch_threads=share,
+                                    decode_threads=threads or share, cpus=pinned))
+    return placements
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -31,6 +31,20 @@ class Extractor:
         self._tap = Tap(model, layer)
         self.feature_shape = self._probe()
 
+    def identity(self) -> dict:
+        """What decides the meaning of the features this extractor makes."""
+        return {
+            "model": {"spec": self.spec},
+            "weights": self.weights,
+            "layer": self.layer,
+            "pool": self.pool,
+            "l2": self.l2,
+            "preprocess": self.preprocess.to_dict(),
+            "precision": self.precision,
+            "dtype": self.dtype.name,
+            "feature_shape": list(self.feature_shape),
+        }
+
     def _probe(self) -> tuple[int, ...]:
         """One pass on a blank image: counts tapped calls and gives the stored shape."""
         blank = torch.zeros((1, *self.preprocess.size, 3), dtype=torch.uint8)

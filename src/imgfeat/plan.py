@@ -67,6 +67,10 @@ class KeyIndex:
             fresh.append(cursor.rowcount == 1)
         return fresh
 
+    def contains(self, key: str) -> bool:
+        return self._db.execute("SELECT 1 FROM keys WHERE key = ?", (key,)).fetchone() \
+            is not None
+
     def commit(self) -> None:
         self._db.commit()
 
@@ -76,20 +80,24 @@ class KeyIndex:
 
 
 def plan_shards(
-    items: Iterable[Item], layout: Layout, shard_size: int, already: list[Shard]
+    items: Iterable[Item], layout: Layout, shard_size: int, already: list[Shard],
+    skip_known: bool = False,
 ) -> Iterator[Shard]:
-    """Write and yield the shards after `already` (those a killed run had recorded)."""
+    """Write and yield the shards after `already` (those recorded before).
+
+    Without `skip_known`, the walk is a resumed one: its first items are those of `already`
+    and are skipped. With it (incremental runs), items whose key is already planned are
+    skipped wherever they are, and only new keys make new shards.
+    """
     index = KeyIndex(layout.key_index)
     try:
         stream = iter(items)
-        for shard in already:  # re-walked items of recorded shards: keep the index whole
-            keys = [item.key for item in islice(stream, shard.count)]
-            index.add_new(keys)
-        if already and keys[-1:] != [read_shard_items(layout, already[-1].index)[-1].key]:
-            raise UsageError(
-                "the source changed since this run's plan was recorded; "
-                "rerun with --overwrite to start again from the source as it is now"
-            )
+        if already:  # a crash between a plan file and its key commit left keys out
+            index.add_new([item.key for item in read_shard_items(layout, already[-1].index)])
+        if skip_known:
+            stream = (item for item in stream if not index.contains(item.key))
+        else:
+            _skip_recorded(stream, index, layout, already)
         number = len(already)
         while batch := list(islice(stream, shard_size)):
             fresh = index.add_new([item.key for item in batch])
@@ -102,3 +110,17 @@ def plan_shards(
             number += 1
     finally:
         index.close()
+
+
+def _skip_recorded(stream: Iterator[Item], index: KeyIndex, layout: Layout,
+                   already: list[Shard]) -> None:
+    """Consume the items a resumed walk has already planned, checking the walk agrees."""
+    keys: list[str] = []
+    for shard in already:
+        keys = [item.key for item in islice(stream, shard.count)]
+        index.add_new(keys)
+    if already and keys[-1:] != [read_shard_items(layout, already[-1].index)[-1].key]:
+        raise UsageError(
+            "the source changed since this run's plan was recorded; "
+            "rerun with --overwrite to start again from the source as it is now"
+        )

@@ -42,6 +42,7 @@ class Reporter:
         self._started = time.monotonic()
         self._last_line = self._started
         self._bar: Progress | None = None
+        self._workers: dict[str, int] = {}
 
     def start(self, total: int | None, already_done: int = 0) -> None:
         self.total, self.already_done = total, already_done
@@ -49,39 +50,62 @@ class Reporter:
             self._bar = Progress(
                 TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), _Rate(),
                 TextColumn("[red]{task.fields[errors]} errors"), TimeElapsedColumn(),
-                TextColumn("eta"), TimeRemainingColumn(),
+                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[devices]}"),
                 console=Console(file=self.stream), transient=False)
             self._bar.start()
             self._task = self._bar.add_task("extract", total=total, completed=already_done,
-                                            errors=0)
+                                            errors=0, devices="")
+
+    def skip(self, count: int) -> None:
+        """Images done by an earlier run (committed shards): counted, not timed."""
+        self.already_done += count
+        if self._bar is not None:
+            self._bar.update(self._task, advance=count)
 
     def set_total(self, total: int) -> None:
         self.total = total
         if self._bar is not None:
             self._bar.update(self._task, total=total)
 
-    def advance(self, rows: int, errors: int) -> None:
+    def advance(self, rows: int, errors: int, worker: str | None = None) -> None:
+        """Count images just done (negative when a failed shard's work is taken back)."""
         self.rows += rows
         self.errors += errors
         self.done += rows + errors
+        if worker is not None:
+            self._workers[worker] = self._workers.get(worker, 0) + rows + errors
         if self._bar is not None:
-            self._bar.update(self._task, advance=rows + errors, errors=self.errors)
+            self._bar.update(self._task, advance=rows + errors, errors=self.errors,
+                             devices=self.device_rates())
         elif self.mode == "lines" and time.monotonic() - self._last_line >= self.interval:
             self._last_line = time.monotonic()
             self._print(self._line())
 
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started
+
     def rate(self) -> float:
-        elapsed = time.monotonic() - self._started
+        elapsed = self.elapsed()
         return self.done / elapsed if elapsed > 0 else 0.0
+
+    def device_rates(self) -> str:
+        """'cpu#0 10.2/s, cpu#1 9.8/s': shown when more than one worker runs."""
+        if len(self._workers) < 2:
+            return ""
+        elapsed = max(self.elapsed(), 1e-9)
+        return ", ".join(f"{name} {count / elapsed:,.1f}/s"
+                         for name, count in sorted(self._workers.items()))
 
     def _line(self) -> str:
         rate = self.rate()
         done = self.done + self.already_done
+        devices = f" ({rates})" if (rates := self.device_rates()) else ""
         if self.total is None:
-            return f"extract: {done:,} images, {rate:,.1f} img/s, {self.errors:,} errors"
+            return (f"extract: {done:,} images, {rate:,.1f} img/s{devices}, "
+                    f"{self.errors:,} errors")
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         return (f"extract: {done:,}/{self.total:,} images ({100 * done / max(1, self.total):.1f}%)"
-                f", {rate:,.1f} img/s, {self.errors:,} errors, eta {_clock(eta)}")
+                f", {rate:,.1f} img/s{devices}, {self.errors:,} errors, eta {_clock(eta)}")
 
     def stop(self) -> None:
         if self._bar is not None:

@@ -1,28 +1,26 @@
-"""One extraction run on one device: check everything a user could get wrong before any work,
-open (or resume) the output folder, plan while extracting, and finish the store."""
+"""One extraction run: check what a user could get wrong before any work, start one worker per
+device, open (or resume) the output folder, plan while extracting, and finish the store."""
 
 from __future__ import annotations
 
-import queue
+import os
 import shutil
-import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from imgfeat.decode import default_threads
-from imgfeat.devices import resolve_device, resolve_precision
-from imgfeat.errors import UsageError
-from imgfeat.extractor import Extractor
+from imgfeat.devices import parse_devices, place_workers
+from imgfeat.engine.local import LocalEngine, Outcome
+from imgfeat.errors import ImgfeatError, UsageError
+from imgfeat.feed import FixedFeed, FollowerFeed, NodeSlice, PlannerFeed
 from imgfeat.head import check_pool
 from imgfeat.imaging import DEFAULT_MAX_PIXELS
-from imgfeat.models import DEFAULT_MODEL, load_model
-from imgfeat.models.layers import resolve_layer
-from imgfeat.plan import DEFAULT_SHARD_SIZE, Shard, plan_shards, read_shard_items, recorded_shards
+from imgfeat.models import DEFAULT_MODEL
+from imgfeat.plan import DEFAULT_SHARD_SIZE, Shard, plan_shards, recorded_shards
 from imgfeat.progress import Reporter
 from imgfeat.sources import check_sources, iter_items
-from imgfeat.store.layout import Layout
+from imgfeat.store.layout import Layout, remove_temps_of
 from imgfeat.store.manifest import (
     FORMAT,
     identity_conflicts,
@@ -32,9 +30,13 @@ from imgfeat.store.manifest import (
 )
 from imgfeat.store.reader import Store
 from imgfeat.store.virtual import build_virtual_file
-from imgfeat.worker import Worker
 
 DTYPES = ("float16", "float32")
+NODE_WAIT_S = float(os.environ.get("IMGFEAT_NODE_WAIT_S", "600"))
+
+
+class RunIncomplete(ImgfeatError):
+    """Some shards could not be extracted; what was committed is kept."""
 
 
 @dataclass
@@ -60,23 +62,48 @@ class ExtractOptions:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     threads: int | None = None
     overwrite: bool = False
+    incremental: bool = False
+    num_nodes: int | None = None
+    node_rank: int | None = None
     progress: str = "auto"  # auto | bar | lines | none
 
     def check(self) -> None:
         check_pool(self.pool)
         if self.dtype not in DTYPES:
             raise UsageError(f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPES)}")
-        for name in ("batch_size", "shard_size", "image_size", "threads", "max_pixels"):
+        for name in ("batch_size", "shard_size", "image_size", "threads", "max_pixels",
+                     "num_nodes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.overwrite and self.incremental:
+            raise UsageError("--overwrite and --incremental contradict each other")
+
+
+@dataclass(frozen=True)
+class Node:
+    """This machine's place among several that share one output folder."""
+
+    count: int = 1
+    rank: int = 0
+
+    @classmethod
+    def of(cls, opts: ExtractOptions) -> Node:
+        env = os.environ
+        count = opts.num_nodes or (int(env.get("SLURM_NNODES", 1)) if "SLURM_NODEID" in env
+                                   else 1)
+        rank = opts.node_rank if opts.node_rank is not None else \
+            (int(env.get("SLURM_NODEID", 0)) if count > 1 else 0)
+        if not 0 <= rank < count:
+            raise UsageError(f"--node-rank must be in 0..{count - 1}, got {rank}")
+        return cls(count, rank)
 
 
 def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
     """Extract features of every image in `sources` into the output folder `out`.
 
-    Options are those of `ExtractOptions` (model, weights, layer, pool, ...). Running the same
-    call again resumes: committed shards are kept, the rest is done.
+    Options are those of `ExtractOptions` (model, weights, layer, pool, devices, ...). Running
+    the same call again resumes: committed shards are kept, the rest is done.
     """
     known = {f.name for f in fields(ExtractOptions)}
     if unknown := set(options) - known:
@@ -84,62 +111,42 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
     opts = ExtractOptions(**options)
     opts.check()
     sources = check_sources([sources] if isinstance(sources, (str, Path)) else sources)
-    extractor = _build_extractor(opts)
-    layout = Layout(out)
-    manifest = _open_output(layout, _identity(opts, sources, extractor), opts.overwrite)
+    node = Node.of(opts)
+    if node.count > 1 and opts.incremental:
+        raise UsageError("--incremental runs on one node; drop --num-nodes for it")
+    layout = Layout(Path(out).resolve())
+    placements = place_workers(parse_devices(opts.devices), opts.threads)
+    engine = LocalEngine(placements, opts, str(layout.root))
     reporter = Reporter(opts.progress)
-    worker = Worker(extractor, layout, batch_size=opts.batch_size,
-                    threads=opts.threads or default_threads(), max_pixels=opts.max_pixels)
+    finished = False
     try:
-        _run(layout, manifest, sources, opts.shard_size, worker, reporter)
+        identity = {"sources": [str(Path(s).resolve()) for s in sources],
+                    **engine.start(), "shard_size": opts.shard_size}
+        manifest = _open_output(layout, identity, opts, node)
+        outcome = _extract(engine, layout, manifest, sources, opts, node, reporter)
+        finished = True
     finally:
         reporter.stop()
-        worker.close()
+        engine.stop(graceful=finished)
+    _finish(layout, manifest, node, reporter, outcome)
     return Store(out)
 
 
-def _build_extractor(opts: ExtractOptions) -> Extractor:
-    device = resolve_device(opts.devices)
-    precision = resolve_precision(opts.precision, device)
-    model = load_model(opts.model, opts.weights)
-    layer = resolve_layer(model, opts.layer)
-    size = (opts.image_size, opts.image_size) if opts.image_size else None
-    preprocess = model.preprocess.with_overrides(
-        size=size, crop_pct=opts.crop_pct, mode=opts.resize_mode,
-        interpolation=opts.interpolation,
-        mean=tuple(opts.mean) if opts.mean else None, std=tuple(opts.std) if opts.std else None)
-    return Extractor(model, layer, preprocess, device=device, precision=precision,
-                     pool=opts.pool, l2=opts.l2, dtype=opts.dtype)
-
-
-def _identity(opts: ExtractOptions, sources: list[str], extractor: Extractor) -> dict:
-    return {
-        "sources": [str(Path(s).resolve()) for s in sources],
-        "model": {"spec": extractor.spec},
-        "weights": extractor.weights,
-        "layer": extractor.layer,
-        "pool": opts.pool,
-        "l2": opts.l2,
-        "preprocess": extractor.preprocess.to_dict(),
-        "precision": extractor.precision,
-        "dtype": opts.dtype,
-        "feature_shape": list(extractor.feature_shape),
-        "shard_size": opts.shard_size,
-    }
-
-
-def _open_output(layout: Layout, identity: dict, overwrite: bool) -> dict:
+def _open_output(layout: Layout, identity: dict, opts: ExtractOptions, node: Node) -> dict:
     """The manifest to continue under: the recorded one if it agrees, else a fresh one."""
     if layout.root.exists() and not layout.root.is_dir():
         raise UsageError(f"output {layout.root} exists and is not a folder")
-    recorded = None if overwrite else read_manifest(layout)
+    if node.rank > 0:
+        return _wait_for_manifest(layout, identity, opts.overwrite)
+    recorded = None if opts.overwrite else read_manifest(layout)
     if recorded is not None:
         if conflicts := identity_conflicts(recorded, identity):
             raise UsageError(
                 f"{layout.root} already holds different features ({'; '.join(conflicts)}); "
                 "use --overwrite to replace them, or choose another output folder")
+        remove_temps_of(layout)
         return recorded
-    if overwrite:
+    if opts.overwrite:
         _remove_own(layout)
     elif layout.root.is_dir() and any(layout.root.iterdir()):
         raise UsageError(f"output folder {layout.root} is not empty and holds no imgfeat store; "
@@ -151,6 +158,23 @@ def _open_output(layout: Layout, identity: dict, overwrite: bool) -> dict:
     return manifest
 
 
+def _wait_for_manifest(layout: Layout, identity: dict, overwrite: bool) -> dict:
+    """Nodes other than the first wait for the first to create (or replace) the store."""
+    deadline = time.monotonic() + NODE_WAIT_S
+    while True:
+        recorded = read_manifest(layout) if layout.manifest.exists() else None
+        conflicts = identity_conflicts(recorded, identity) if recorded else ["none yet"]
+        if not conflicts:
+            return recorded
+        if recorded and not overwrite:
+            raise UsageError(f"{layout.root} already holds different features "
+                             f"({'; '.join(conflicts)}); node 0 decides on --overwrite")
+        if time.monotonic() > deadline:
+            raise UsageError(f"no store for this run appeared in {layout.root} within "
+                             f"{NODE_WAIT_S:.0f}s: start node 0 (--node-rank 0) too")
+        time.sleep(0.5)
+
+
 def _remove_own(layout: Layout) -> None:
     for path in layout.own_paths():
         if path.is_dir():
@@ -159,63 +183,76 @@ def _remove_own(layout: Layout) -> None:
             path.unlink(missing_ok=True)
 
 
-def _run(layout: Layout, manifest: dict, sources: list[str], shard_size: int,
-         worker: Worker, reporter: Reporter) -> None:
+def _extract(engine: LocalEngine, layout: Layout, manifest: dict, sources: list[str],
+             opts: ExtractOptions, node: Node, reporter: Reporter) -> Outcome:
     plan = manifest["plan"]
     committed = layout.committed()
-    if plan["complete"]:
-        shards: Iterator[Shard] = iter([Shard(i, n) for i, n in enumerate(plan["shards"])])
-        total = sum(plan["shards"])
+    if plan["complete"] and not opts.incremental:
+        feed = FixedFeed([Shard(i, n) for i, n in enumerate(plan["shards"])])
+    elif node.rank > 0:
+        feed = FollowerFeed(layout)
     else:
         layout.plan_dir.mkdir(parents=True, exist_ok=True)
         recorded = recorded_shards(layout)
-        shards = _in_background(plan_shards(iter_items(sources), layout, shard_size, recorded))
-        total = None
-    counts: list[int] = []
-    started = time.monotonic()
-    reporter.start(total, already_done=_count_committed(layout, committed))
-    for shard in shards:
-        counts.append(shard.count)
-        if shard.index not in committed:
-            items = read_shard_items(layout, shard.index)
-            worker.run_shard(shard.index, items, reporter.advance)
-    if not plan["complete"]:
-        manifest["plan"] = {"complete": True, "items": sum(counts), "shards": counts}
-        reporter.set_total(sum(counts))
-    _finish(layout, manifest, reporter, time.monotonic() - started)
+        planner = plan_shards(iter_items(sources), layout, opts.shard_size,
+                              recorded, skip_known=plan["complete"])
+        feed = PlannerFeed(planner, known=recorded if plan["complete"] else ())
+    watched = _Watched(NodeSlice(feed, node.count, node.rank), committed, reporter,
+                       lambda shards: _plan_complete(layout, manifest, shards, node))
+    reporter.start(total=None)
+    return engine.run(watched, reporter, committed)
 
 
-def _count_committed(layout: Layout, committed: set[int]) -> int:
-    return sum(len(read_shard_items(layout, i)) for i in committed) if committed else 0
+class _Watched:
+    """A feed that tells the reporter about skipped shards and the total, and records the
+    plan as complete the moment the planner finishes."""
+
+    def __init__(self, feed: NodeSlice, committed: set[int], reporter: Reporter, on_complete):
+        self._feed, self._committed, self._reporter = feed, committed, reporter
+        self._on_complete = on_complete
+        self._mine = 0
+        self.finished = False
+
+    def poll(self) -> list[Shard]:
+        shards = self._feed.poll()
+        for shard in shards:
+            self._mine += shard.count
+            if shard.index in self._committed:
+                self._reporter.skip(shard.count)
+        if self._feed.finished and not self.finished:
+            self.finished = True
+            self._reporter.set_total(self._mine)
+            self._on_complete(self._feed.shards)
+        return shards
 
 
-def _finish(layout: Layout, manifest: dict, reporter: Reporter, elapsed: float) -> None:
+def _plan_complete(layout: Layout, manifest: dict, shards: list[Shard], node: Node) -> None:
+    counts = [s.count for s in shards]
+    if manifest["plan"].get("shards") == counts and manifest["plan"]["complete"]:
+        return
+    manifest["plan"] = {"complete": True, "items": sum(counts), "shards": counts}
+    if node.rank == 0:
+        write_manifest(layout, manifest)
+
+
+def _finish(layout: Layout, manifest: dict, node: Node, reporter: Reporter,
+            outcome: Outcome) -> None:
     committed = sorted(layout.committed())
-    manifest["committed"] = committed
-    write_manifest(layout, manifest)
-    build_virtual_file(layout, committed, tuple(manifest["feature_shape"]), manifest["dtype"])
+    planned = len(manifest["plan"]["shards"])
+    complete = len(committed) >= planned and not outcome.failed
+    if complete:
+        build_virtual_file(layout, committed, tuple(manifest["feature_shape"]),
+                           manifest["dtype"])
     done = reporter.rows + reporter.errors
-    resumed = f", {reporter.already_done:,} done before" if reporter.already_done else ""
+    elapsed = reporter.elapsed()
+    before = f", {reporter.already_done:,} done before" if reporter.already_done else ""
     reporter.summary(
         f"done: {done:,} images in {elapsed:.1f}s ({done / max(elapsed, 1e-9):,.1f} img/s): "
-        f"{reporter.rows:,} rows, {reporter.errors:,} errors{resumed} -> {layout.root}")
-
-
-def _in_background(generator: Iterator[Shard]) -> Iterator[Shard]:
-    """Plan on a thread so extraction starts before a large source is fully listed."""
-    results: queue.Queue = queue.Queue()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for shard in generator:
-                results.put(shard)
-            results.put(done)
-        except BaseException as exc:  # handed to the consuming thread, raised there
-            results.put(exc)
-
-    threading.Thread(target=produce, name="imgfeat-plan", daemon=True).start()
-    while (value := results.get()) is not done:
-        if isinstance(value, BaseException):
-            raise value
-        yield value
+        f"{reporter.rows:,} rows, {reporter.errors:,} errors{before} -> {layout.root}"
+        + ("" if complete or outcome.failed else
+           f"\nnode {node.rank} finished its part; {planned - len(committed)} shards of other "
+           "nodes are still to come ('imgfeat info' shows which)"))
+    if outcome.failed:
+        reasons = "; ".join(f"shard {i}: {why}" for i, why in sorted(outcome.failed.items()))
+        raise RunIncomplete(f"{len(outcome.failed)} shard(s) failed ({reasons}); committed "
+                            "shards are kept: run the same command again to retry")

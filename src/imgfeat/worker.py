@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 
+import numpy as np
 import torch
 
 from imgfeat.decode import load_pixels, ordered_map
@@ -44,35 +44,67 @@ class Worker:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def run_shard(self, index: int, items: list[Item], progress: Progress) -> ShardResult:
+    def run_shard(self, index: int, items: list[Item], progress: Progress,
+                  current=None) -> ShardResult:
+        """Extract one shard and commit its file. With `current` (a shared integer), images
+        are decoded one at a time and `current` names the one being decoded, so that if a
+        decoder kills the process the engine knows which image did it."""
         writer = ShardWriter(self.layout, index, self.extractor.feature_shape,
                              self.extractor.dtype.name, capacity=max(1, len(items)))
         try:
-            self._fill(writer, items, progress)
+            self._fill(writer, items, progress, current)
             writer.commit()
         finally:
             writer.discard()
         return ShardResult(index, len(writer.keys), len(writer.error_keys))
 
-    def _fill(self, writer: ShardWriter, items: list[Item], progress: Progress) -> None:
-        load = partial(load_pixels, preprocess=self.extractor.preprocess,
-                       max_pixels=self.max_pixels)
+    def _fill(self, writer: ShardWriter, items: list[Item], progress: Progress,
+              current) -> None:
+        load = self._loader(current)
+        ahead = 1 if current is not None else self._ahead
         keys: list[str] = []
         errors = 0
-        for item, pixels in ordered_map(self._pool, load, items, self._ahead):
+        for (_, item), pixels in ordered_map(self._pool, load, enumerate(items), ahead):
             if isinstance(pixels, str):
                 writer.add_error(item.key, pixels)
                 errors += 1
                 continue
             self._slots[len(keys)] = pixels
             keys.append(item.key)
-            if len(keys) == self.batch_size:
+            if len(keys) >= self.batch_size:
                 self._flush(writer, keys, errors, progress)
                 keys, errors = [], 0
         self._flush(writer, keys, errors, progress)
 
+    def _loader(self, current):
+        preprocess, max_pixels = self.extractor.preprocess, self.max_pixels
+
+        def load(numbered: tuple[int, Item]):
+            position, item = numbered
+            if current is None:
+                return load_pixels(item, preprocess, max_pixels)
+            current.value = position
+            pixels = load_pixels(item, preprocess, max_pixels)
+            current.value = -1
+            return pixels
+
+        return load
+
     def _flush(self, writer: ShardWriter, keys: list[str], errors: int,
                progress: Progress) -> None:
         if keys:
-            writer.add_rows(keys, self.extractor(self._buffer[:len(keys)]))
+            writer.add_rows(keys, self._forward(self._buffer[:len(keys)]))
         progress(len(keys), errors)
+
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+        """On device out-of-memory, halve the batch (for this and later batches)."""
+        try:
+            return self.extractor(batch)
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            self.batch_size = min(self.batch_size, half)
+            return np.concatenate([self._forward(batch[:half]), self._forward(batch[half:])])

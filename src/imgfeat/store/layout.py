@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -45,8 +46,37 @@ class Layout:
 
 
 def temp_path(final: Path) -> Path:
-    """A unique temporary name beside `final`, so the rename that commits it is atomic."""
-    return final.with_name(f".{final.name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+    """A unique temporary name beside `final`, so the rename that commits it is atomic. It
+    names the host and process, so leftovers of a killed process can be told apart."""
+    return final.with_name(
+        f".{final.name}{TEMP_MARK}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_temps_of(layout: Layout, pids: list[int] | None = None) -> None:
+    """Delete temporary files this host's processes left: those of `pids`, or (None) of any
+    process of this host that is no longer running. Other hosts' files are never touched."""
+    host = socket.gethostname()
+    for folder in (layout.shards_dir, layout.plan_dir, layout.root):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            owner = path.name.partition(TEMP_MARK)[2]
+            if not owner.startswith(host + "-"):
+                continue
+            pid = owner[len(host) + 1:].split("-")[0]
+            if pid.isdigit() and (int(pid) in pids if pids is not None
+                                  else not _running(int(pid))):
+                path.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def commit(temp: Path, final: Path) -> None:

@@ -1,0 +1,192 @@
+"""The local engine: one spawned worker process per device, shards pulled as workers free up.
+
+A worker that dies is replaced and its shard retried, one image at a time, so that an image
+that kills its decoder is found, recorded as an error and skipped: one poison file cannot stop
+a run. The coordinator holds shard numbers, never item lists or tensors.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import signal
+from collections import deque
+from dataclasses import dataclass, field
+
+from imgfeat.devices import Placement
+from imgfeat.engine.process import Task, worker_main
+from imgfeat.errors import ImgfeatError, UsageError
+from imgfeat.progress import Reporter
+from imgfeat.store.layout import Layout, remove_temps_of
+
+MAX_ATTEMPTS = 3  # deaths of a worker on one shard with no image to blame
+MAX_START_FAILURES = 3  # deaths of one device's worker before it is ready
+POLL_S = 0.1
+
+
+@dataclass
+class _Slot:
+    number: int
+    placement: Placement
+    process: mp.Process
+    tasks: object
+    current: object
+    ready: bool = False
+    task: Task | None = None
+    done_rows: int = 0
+    done_errors: int = 0
+    start_failures: int = 0
+    retired: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.placement.device}#{self.number}" if self.placement.device == "cpu" \
+            else self.placement.device
+
+
+@dataclass
+class Outcome:
+    """What a run of the engine left undone: shard index -> why it failed."""
+
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+class LocalEngine:
+    def __init__(self, placements: list[Placement], options, out: str):
+        self._ctx = mp.get_context("spawn")
+        self._results = self._ctx.Queue()
+        self._options, self._out = options, out
+        self._pids: list[int] = []
+        self._slots = [self._spawn(i, p) for i, p in enumerate(placements)]
+        self._attempts: dict[int, int] = {}
+        self.outcome = Outcome()
+
+    # -- workers -------------------------------------------------------------------------
+
+    def _spawn(self, number: int, placement: Placement, start_failures: int = 0) -> _Slot:
+        tasks = self._ctx.Queue()
+        current = self._ctx.Value("q", -1, lock=False)
+        process = self._ctx.Process(
+            target=worker_main, name=f"imgfeat-worker-{number}", daemon=True,
+            args=(number, placement, self._options, self._out, tasks, self._results, current))
+        process.start()
+        self._pids.append(process.pid)
+        return _Slot(number, placement, process, tasks, current, start_failures=start_failures)
+
+    def start(self) -> dict:
+        """Wait until every worker has loaded the model; their common identity."""
+        identities: dict[int, dict] = {}
+        while len(identities) < len(self._slots):
+            message = self._next_message()
+            if message and message[0] == "fatal":
+                raise UsageError(message[2])
+            if message and message[0] == "ready":
+                identities[message[1]] = message[2]
+                self._slots[message[1]].ready = True
+            for slot in self._slots:
+                if not slot.ready and slot.process.exitcode is not None:
+                    raise ImgfeatError(f"worker on {slot.placement.device} died while loading "
+                                       f"the model ({describe_exit(slot.process.exitcode)})")
+        first = identities[0]
+        if any(identity != first for identity in identities.values()):
+            raise ImgfeatError("workers disagree on the model they loaded; "
+                               "use devices of one kind")
+        return first
+
+    def stop(self, graceful: bool = True) -> None:
+        for slot in self._slots:
+            if graceful and slot.process.is_alive():
+                slot.tasks.put(None)
+        for slot in self._slots:
+            slot.process.join(timeout=10 if graceful else 0.5)
+            if slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join()
+        remove_temps_of(Layout(self._out), self._pids)
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def run(self, feed, reporter: Reporter, skip: set[int]) -> Outcome:
+        """Extract every shard `feed` yields that is not in `skip`."""
+        waiting: deque[Task] = deque()
+        while True:
+            waiting.extend(Task(s.index) for s in feed.poll() if s.index not in skip)
+            self._dispatch(waiting)
+            busy = any(slot.task for slot in self._slots)
+            if not busy and not waiting and feed.finished:
+                return self.outcome
+            if not any(not slot.retired for slot in self._slots):
+                raise ImgfeatError("every worker failed to start; see the messages above")
+            message = self._next_message()
+            if message:
+                self._handle(message, reporter, waiting)
+            self._check_deaths(reporter, waiting)
+
+    def _dispatch(self, waiting: deque[Task]) -> None:
+        for slot in self._slots:
+            if waiting and slot.ready and slot.task is None and not slot.retired:
+                slot.task = waiting.popleft()
+                slot.done_rows = slot.done_errors = 0
+                slot.tasks.put(slot.task)
+
+    def _next_message(self):
+        try:
+            return self._results.get(timeout=POLL_S)
+        except queue.Empty:
+            return None
+
+    def _handle(self, message, reporter: Reporter, waiting: deque[Task]) -> None:
+        kind, number = message[0], message[1]
+        slot = self._slots[number]
+        if kind == "ready":
+            slot.ready = True
+        elif kind == "progress":
+            slot.done_rows += message[2]
+            slot.done_errors += message[3]
+            reporter.advance(message[2], message[3], worker=slot.name)
+        elif kind == "done":
+            slot.task = None
+        elif kind == "failed" and slot.task is not None:
+            self._retry(slot, message[3], reporter, waiting)
+        elif kind == "fatal":  # a replacement worker could not load the model
+            slot.retired = True
+
+    def _check_deaths(self, reporter: Reporter, waiting: deque[Task]) -> None:
+        for number, slot in enumerate(self._slots):
+            if slot.retired or slot.process.exitcode is None:
+                continue
+            reason = describe_exit(slot.process.exitcode)
+            if slot.task is not None:
+                self._retry(slot, reason, reporter, waiting)
+            failures = slot.start_failures + (0 if slot.ready else 1)
+            replacement = self._spawn(number, slot.placement, failures)
+            replacement.retired = failures >= MAX_START_FAILURES
+            self._slots[number] = replacement
+
+    def _retry(self, slot: _Slot, reason: str, reporter: Reporter,
+               waiting: deque[Task]) -> None:
+        """Put the shard back: with the image being decoded excluded if there was one."""
+        task, position = slot.task, slot.current.value
+        slot.task = None
+        reporter.advance(-slot.done_rows, -slot.done_errors, worker=slot.name)
+        if task.careful and position >= 0:
+            blame = f"worker process died while decoding this image ({reason})"
+            waiting.appendleft(Task(task.index, True, task.excluded + ((position, blame),)))
+            return
+        attempts = self._attempts[task.index] = self._attempts.get(task.index, 0) + 1
+        if attempts >= MAX_ATTEMPTS:
+            self.outcome.failed[task.index] = reason
+            return
+        waiting.appendleft(Task(task.index, True, task.excluded))
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+

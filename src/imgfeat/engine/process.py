@@ -1,0 +1,113 @@
+"""The worker process: pinned to its device and cores, it loads the model once, then runs the
+shards its engine sends until told to stop (or its parent dies)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from imgfeat.devices import Placement, resolve_device, resolve_precision
+from imgfeat.errors import UsageError
+from imgfeat.extractor import Extractor
+from imgfeat.models import load_model
+from imgfeat.models.layers import resolve_layer
+from imgfeat.plan import read_shard_items
+from imgfeat.sources import Item
+from imgfeat.store.layout import Layout
+from imgfeat.worker import Worker
+
+PARENT_CHECK_S = 1.0
+
+
+@dataclass(frozen=True)
+class Task:
+    """One shard to extract. `careful`: decode one image at a time and say which; `excluded`:
+    positions already known to kill workers, recorded as errors instead of decoded."""
+
+    index: int
+    careful: bool = False
+    excluded: tuple[tuple[int, str], ...] = ()
+
+
+def build_extractor(opts, device: str) -> Extractor:
+    device_ = resolve_device(device)
+    precision = resolve_precision(opts.precision, device_)
+    model = load_model(opts.model, opts.weights)
+    layer = resolve_layer(model, opts.layer)
+    size = (opts.image_size, opts.image_size) if opts.image_size else None
+    preprocess = model.preprocess.with_overrides(
+        size=size, crop_pct=opts.crop_pct, mode=opts.resize_mode,
+        interpolation=opts.interpolation,
+        mean=tuple(opts.mean) if opts.mean else None, std=tuple(opts.std) if opts.std else None)
+    return Extractor(model, layer, preprocess, device=device_, precision=precision,
+                     pool=opts.pool, l2=opts.l2, dtype=opts.dtype)
+
+
+def worker_main(slot: int, placement: Placement, opts, out: str, tasks, results,
+                current) -> None:
+    """Entry point of a spawned worker process."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    if placement.cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, placement.cpus)
+    torch.set_num_threads(placement.torch_threads)
+    try:
+        extractor = build_extractor(opts, placement.device)
+    except UsageError as exc:
+        results.put(("fatal", slot, str(exc)))
+        return
+    layout = Layout(out)
+    worker = Worker(extractor, layout, batch_size=opts.batch_size,
+                    threads=placement.decode_threads, max_pixels=opts.max_pixels)
+    results.put(("ready", slot, extractor.identity()))
+    parent = os.getppid()
+    while (task := _next_task(tasks, parent)) is not None:
+        try:
+            items = _with_exclusions(read_shard_items(layout, task.index), task.excluded)
+            result = worker.run_shard(
+                task.index, items, lambda rows, errors: results.put(("progress", slot, rows,
+                                                                      errors)),
+                current=current if task.careful else None)
+        except BaseException:  # any failure here is the shard's: report it, let a new
+            results.put(("failed", slot, task.index, _last_line(traceback.format_exc())))
+            sys.exit(1)         # process retry it (a CUDA error leaves this one unusable)
+        results.put(("done", slot, result.index, result.rows, result.errors))
+    worker.close()
+
+
+def _next_task(tasks, parent: int) -> Task | None:
+    while True:
+        try:
+            return tasks.get(timeout=PARENT_CHECK_S)
+        except queue.Empty:
+            if os.getppid() != parent:  # orphaned: the coordinator is gone
+                return None
+
+
+def _with_exclusions(items: list[Item], excluded) -> list[Item]:
+    for position, reason in excluded:
+        items[position] = Item(items[position].key, None, reason)
+    return items
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies (kill -9 of the coordinator)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else "unknown error"

@@ -1,0 +1,106 @@
+"""Feeds tell an engine which shards exist so far: a finished plan, a planner still walking
+the sources on a thread, or (on nodes other than the first) the plan files another node
+writes. An engine polls a feed; it never waits on a listing."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+from imgfeat.plan import Shard, read_shard_items
+from imgfeat.store.layout import Layout
+from imgfeat.store.manifest import read_manifest
+
+
+class FixedFeed:
+    """A plan recorded in full."""
+
+    def __init__(self, shards: list[Shard]):
+        self._pending = list(shards)
+        self.shards = list(shards)
+        self.finished = True
+
+    def poll(self) -> list[Shard]:
+        pending, self._pending = self._pending, []
+        return pending
+
+
+class PlannerFeed:
+    """Shards as a planner thread writes them, so extraction starts before listing ends."""
+
+    def __init__(self, planner: Iterator[Shard], known: list[Shard] = ()):
+        self.shards: list[Shard] = []
+        self.finished = False
+        self._queue: queue.Queue = queue.Queue()
+        self._known = list(known)
+        self._thread = threading.Thread(target=self._produce, args=(planner,),
+                                        name="imgfeat-plan", daemon=True)
+        self._thread.start()
+
+    def _produce(self, planner: Iterator[Shard]) -> None:
+        try:
+            for shard in planner:
+                self._queue.put(shard)
+            self._queue.put(None)
+        except BaseException as exc:  # raised again in the polling thread
+            self._queue.put(exc)
+
+    def poll(self) -> list[Shard]:
+        found, self._known = self._known, []
+        while not self.finished:
+            try:
+                value = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(value, BaseException):
+                raise value
+            if value is None:
+                self.finished = True
+            else:
+                found.append(value)
+        self.shards.extend(found)
+        return found
+
+
+class FollowerFeed:
+    """The plan as another node writes it: plan files appear one by one, and the manifest
+    says when the plan is complete."""
+
+    def __init__(self, layout: Layout):
+        self._layout = layout
+        self.shards: list[Shard] = []
+        self.finished = False
+        self._total: int | None = None
+
+    def poll(self) -> list[Shard]:
+        if self._total is None:
+            plan = (read_manifest(self._layout) or {}).get("plan", {})
+            if plan.get("complete"):
+                self._total = len(plan["shards"])
+        found = []
+        while self._layout.plan_file(len(self.shards)).exists():
+            index = len(self.shards)
+            shard = Shard(index, len(read_shard_items(self._layout, index)))
+            self.shards.append(shard)
+            found.append(shard)
+        self.finished = self._total is not None and len(self.shards) >= self._total
+        return found
+
+
+class NodeSlice:
+    """This node's part of a feed when several machines share one plan: every N-th shard."""
+
+    def __init__(self, feed, num_nodes: int, rank: int):
+        self._feed, self._num_nodes, self._rank = feed, num_nodes, rank
+
+    @property
+    def finished(self) -> bool:
+        return self._feed.finished
+
+    @property
+    def shards(self) -> list[Shard]:
+        return self._feed.shards
+
+    def poll(self) -> list[Shard]:
+        return [s for s in self._feed.poll() if s.index % self._num_nodes == self._rank]
