@@ -105,6 +105,10 @@ class Worker:
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            half = len(batch) // 2
-            self.batch_size = min(self.batch_size, half)
-            return np.concatenate([self._forward(batch[:half]), self._forward(batch[half:])])
+            self.batch_size = min(self.batch_size, len(batch) // 2)
+            parts, start = [], 0
+            while start < len(batch):  # the size may shrink again inside
+                step = self.batch_size
+                parts.append(self._forward(batch[start:start + step]))
+                start += step
+            return np.concatenate(parts)
