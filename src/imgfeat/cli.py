@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImgfeatError as exc:  # a run that could not finish: what is done is kept
         print(f"imgfeat: error: {exc}", file=sys.stderr)
         return EXIT_INCOMPLETE
+    except OSError as exc:  # disk full, permission denied: the system's word, on one line
+        print(f"imgfeat: error: {exc}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         hint = f"; committed shards are kept in {out}: run the same command again to resume" \
@@ -47,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="counts, feature shape, model, errors by reason")
     info.add_argument("out", metavar="OUT")
     info.set_defaults(handler=run_info)
+    _add_export(commands)
+    verify = commands.add_parser("verify", help="check every shard against the manifest and plan")
+    verify.add_argument("out", metavar="OUT")
+    verify.set_defaults(handler=run_verify)
     layers = commands.add_parser("layers", help="the layer names that --layer accepts")
     layers.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL)
     layers.set_defaults(handler=run_layers)
@@ -95,6 +102,52 @@ def _add_extract(commands) -> None:
     r.add_argument("--node-rank", type=int, help="this machine's rank, 0.. (default: SLURM's)")
     r.add_argument("--quiet", action="store_true", help="no progress and no summary")
     p.set_defaults(handler=run_extract)
+
+
+def _add_export(commands) -> None:
+    p = commands.add_parser(
+        "export", help="write a store as npy (+parquet metadata), parquet, or one h5 file",
+        description="npy: DEST/img_emb/img_emb_{i}.npy + DEST/metadata/metadata_{i}.parquet "
+        "(clip-retrieval's layout, read by embedding-reader and autofaiss); parquet: DEST/ "
+        "with key + embedding columns; h5: one self-contained HDF5 file.")
+    p.add_argument("out", metavar="OUT", help="the store to export")
+    p.add_argument("--to", required=True, choices=("npy", "parquet", "h5"))
+    p.add_argument("dest", metavar="DEST", help="folder (npy, parquet) or file (h5)")
+    p.add_argument("--rows-per-file", type=int, default=1_000_000)
+    p.add_argument("--dtype", choices=("float16", "float32"),
+                   help="default: float32 for npy and parquet, the store's own for h5")
+    p.add_argument("--compression", default="none", choices=("none", "gzip", "lzf"),
+                   help="h5 only")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from imgfeat.store.export import export
+    from imgfeat.store.reader import Store
+
+    with Store(args.out) as store:
+        export(store, args.to, args.dest, rows_per_file=args.rows_per_file, dtype=args.dtype,
+               compression=args.compression, overwrite=args.overwrite,
+               progress="none" if args.quiet else "auto")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from imgfeat.store.reader import Store
+    from imgfeat.store.verify import verify
+
+    with Store(args.out) as store:
+        problems = verify(store)
+        if problems:
+            for problem in problems:
+                print(f"problem: {problem}")
+            print(f"{args.out}: {len(problems)} problem(s)")
+            return 1
+        print(f"{args.out}: ok: {len(store):,} rows, {len(store.errors):,} errors in "
+              f"{len(store.shards)} shards, plan fully covered")
+    return 0
 
 
 def run_extract(args: argparse.Namespace) -> int:

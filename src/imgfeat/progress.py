@@ -22,16 +22,24 @@ LINE_INTERVAL_S = 10.0
 
 
 class _Rate(ProgressColumn):
+    def __init__(self, per_second: str):
+        super().__init__()
+        self.per_second = per_second
+
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.1f} img/s" if speed else "-- img/s", style="cyan")
+        return Text(f"{speed:,.1f} {self.per_second}" if speed else f"-- {self.per_second}",
+                    style="cyan")
 
 
 class Reporter:
     """Counts images (rows and errors) and shows them as `mode` says: bar, lines or none."""
 
-    def __init__(self, mode: str = "auto", stream=None, interval: float = LINE_INTERVAL_S):
+    def __init__(self, mode: str = "auto", stream=None, interval: float = LINE_INTERVAL_S,
+                 label: str = "extract", unit: str = "images"):
         self.stream = stream or sys.stderr
+        self.label, self.unit = label, unit
+        self.per_second = "img/s" if unit == "images" else f"{unit}/s"
         if mode == "auto":
             mode = "bar" if self.stream.isatty() else "lines"
         self.mode = mode
@@ -48,12 +56,13 @@ class Reporter:
         self.total, self.already_done = total, already_done
         if self.mode == "bar":
             self._bar = Progress(
-                TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                _Rate(self.per_second),
                 TextColumn("[red]{task.fields[errors]} errors"), TimeElapsedColumn(),
                 TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[devices]}"),
                 console=Console(file=self.stream), transient=False)
             self._bar.start()
-            self._task = self._bar.add_task("extract", total=total, completed=already_done,
+            self._task = self._bar.add_task(self.label, total=total, completed=already_done,
                                             errors=0, devices="")
 
     def skip(self, count: int) -> None:
@@ -101,11 +110,13 @@ class Reporter:
         done = self.done + self.already_done
         devices = f" ({rates})" if (rates := self.device_rates()) else ""
         if self.total is None:
-            return (f"extract: {done:,} images, {rate:,.1f} img/s{devices}, "
+            return (f"{self.label}: {done:,} {self.unit}, {rate:,.1f} {self.per_second}{devices}, "
                     f"{self.errors:,} errors")
         eta = (self.total - done) / rate if rate > 0 else float("nan")
-        return (f"extract: {done:,}/{self.total:,} images ({100 * done / max(1, self.total):.1f}%)"
-                f", {rate:,.1f} img/s{devices}, {self.errors:,} errors, eta {_clock(eta)}")
+        percent = 100 * done / max(1, self.total)
+        return (f"{self.label}: {done:,}/{self.total:,} {self.unit} ({percent:.1f}%), "
+                f"{rate:,.1f} {self.per_second}{devices}, {self.errors:,} errors, "
+                f"eta {_clock(eta)}")
 
     def stop(self) -> None:
         if self._bar is not None:

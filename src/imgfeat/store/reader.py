@@ -91,6 +91,32 @@ class Store:
             found.extend(zip(group["keys"].asstr()[:], group["reasons"].asstr()[:]))
         return found
 
+    def iter_batches(self, batch_size: int = 65_536) -> Iterator[tuple[list[str], np.ndarray]]:
+        """(keys, features) of `batch_size` rows at a time (the last may be shorter), in plan
+        order; memory is bounded by the batch, whatever the size of the store."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        keys: list[str] = []
+        parts: list[np.ndarray] = []
+        for piece_keys, piece in self._pieces(batch_size):
+            keys.extend(piece_keys)
+            parts.append(piece)
+            while len(keys) >= batch_size:
+                merged = np.concatenate(parts)
+                yield keys[:batch_size], merged[:batch_size]
+                keys, parts = keys[batch_size:], [merged[batch_size:]]
+        if keys:
+            yield keys, np.concatenate(parts)
+
+    def _pieces(self, size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        for index in self.shards:
+            shard = self._shard(index)
+            rows = shard["features"].shape[0]
+            for start in range(0, rows, size):
+                end = min(rows, start + size)
+                yield (shard["keys"].asstr()[start:end].tolist(),
+                       shard["features"][start:end])
+
     def features(self) -> Features:
         """All features as a lazy array-like `[n, ...]`: slicing reads only what it needs."""
         return Features(self)
