@@ -97,3 +97,27 @@ def test_float_pixels_are_refused_not_guessed():
     data = encode(Image.fromarray(np.ones((8, 8), np.float32) * 3.5, "F"), "TIFF")
     with pytest.raises(ImageError, match="floating-point"):
         decode(data)
+
+
+def test_large_jpeg_is_draft_decoded_but_never_below_the_needed_side():
+    data = jpeg_bytes(base_photo((1600, 1200)))
+    assert decode(data).size == (1600, 1200)
+    assert decode(data, min_side=256).size == (400, 300)  # 1/4 scale: still >= 256
+    assert decode(data, min_side=600).size == (800, 600)  # 1/2 scale
+    assert decode(data, min_side=1000).size == (1600, 1200)  # not twice the size: full
+
+
+def test_draft_decode_stays_within_tolerance_of_full_decode():
+    from imgfeat.models.preprocess import Preprocess
+
+    photo = base_photo(None)
+    data = jpeg_bytes(photo.resize((photo.width * 3, photo.height * 3), Image.LANCZOS))
+    with_draft = Preprocess(size=(224, 224), crop_pct=0.875, interpolation="bicubic")
+    full = Preprocess(size=(224, 224), crop_pct=0.875, interpolation="bicubic",
+                      jpeg_draft=False)
+    assert decode(data, min_side=with_draft.draft_side).size == (960, 641)  # drafted 1/2
+    a = with_draft.geometry(decode(data, min_side=with_draft.draft_side)).astype(float)
+    b = full.geometry(decode(data, min_side=full.draft_side)).astype(float)
+    assert np.abs(a - b).mean() < 2.5
+    a, b = a - a.mean(), b - b.mean()
+    assert (a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b) > 0.999

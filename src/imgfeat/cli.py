@@ -9,11 +9,15 @@ from collections import Counter
 
 from imgfeat.devices import DEVICE_HELP
 from imgfeat.errors import ImgfeatError, UsageError
-from imgfeat.head import POOLS
-from imgfeat.imaging import DEFAULT_MAX_PIXELS
-from imgfeat.models import DEFAULT_MODEL
-from imgfeat.models.preprocess import INTERPOLATIONS, RESIZE_MODES
-from imgfeat.plan import DEFAULT_SHARD_SIZE
+from imgfeat.options import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MODEL,
+    DEFAULT_SHARD_SIZE,
+    INTERPOLATIONS,
+    POOLS,
+    PRECISIONS,
+    RESIZE_MODES,
+)
 
 EXIT_USAGE = 2
 EXIT_INCOMPLETE = 3
@@ -82,6 +86,8 @@ def _add_extract(commands) -> None:
     pre.add_argument("--interpolation", choices=list(INTERPOLATIONS))
     pre.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
     pre.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
+    pre.add_argument("--no-draft", dest="jpeg_draft", action="store_false",
+                     help="decode JPEGs at full size even when much larger than needed")
     pre.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                      help=f"refuse larger images as decompression bombs "
                      f"(default {DEFAULT_MAX_PIXELS})")
@@ -89,7 +95,7 @@ def _add_extract(commands) -> None:
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--devices", default="auto", help=f"{DEVICE_HELP}: one worker per device "
                    "(auto: every GPU, else one CPU worker)")
-    r.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    r.add_argument("--precision", default="auto", choices=PRECISIONS)
     r.add_argument("--threads", type=int, help="decode threads (default: cores)")
     r.add_argument("--dtype", default="float16", choices=("float16", "float32"),
                    help="stored feature type")

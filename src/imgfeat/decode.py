@@ -39,7 +39,7 @@ def load_pixels(item: Item, preprocess: Preprocess, max_pixels: int | None) -> n
     try:
         with open(item.path, "rb") as handle:
             data = handle.read()
-        return preprocess.geometry(decode(data, max_pixels))
+        return preprocess.geometry(decode(data, max_pixels, preprocess.draft_side))
     except ImageError as exc:
         return str(exc)
     except OSError as exc:

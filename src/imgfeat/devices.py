@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
-import torch
-
 from imgfeat.errors import UsageError
+from imgfeat.options import PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg")
 DEVICE_HELP = "auto, all, cpu, cpu:N, cuda or cuda:0,2,..."
 
 
@@ -23,10 +23,20 @@ class Placement:
     cpus: tuple[int, ...] | None = None
 
 
+def gpu_count() -> int:
+    """Visible CUDA devices; on a Linux machine with no NVIDIA driver (or WSL GPU bridge)
+    this is known without the second it takes to import torch."""
+    if sys.platform == "linux" and not any(os.path.exists(p) for p in _DRIVER_FILES):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def parse_devices(spec: str) -> list[str]:
     """One device string per worker: `cpu:2` is two CPU workers, `cuda` every GPU."""
     spec = spec.strip().lower()
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = 0 if spec.startswith("cpu") else gpu_count()
     if spec == "auto":
         return [f"cuda:{i}" for i in range(gpus)] or ["cpu"]
     if spec in ("all", "cuda"):
@@ -63,8 +73,10 @@ def place_workers(devices: list[str], threads: int | None = None) -> list[Placem
     return placements
 
 
-def resolve_device(spec: str) -> torch.device:
-    """One device from `auto`, `cpu`, `cuda` or `cuda:N`."""
+def resolve_device(spec: str):
+    """One torch device from `auto`, `cpu`, `cuda` or `cuda:N`."""
+    import torch
+
     spec = spec.strip().lower()
     if spec == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -82,16 +94,20 @@ def resolve_device(spec: str) -> torch.device:
     raise UsageError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device) -> str:
     """`auto` is bf16 on GPUs that have it, else fp16 on GPU, and fp32 on CPU."""
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
+        import torch
+
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
+def autocast_dtype(precision: str):
+    import torch
+
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

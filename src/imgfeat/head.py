@@ -5,15 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from imgfeat.errors import UsageError
-
-POOLS = ("avg", "max", "none")
+from imgfeat.options import POOLS, check_choice
 
 
 def check_pool(pool: str) -> str:
-    if pool not in POOLS:
-        raise UsageError(f"unknown pooling {pool!r}; choose {', '.join(POOLS)}")
-    return pool
+    return check_choice(pool, POOLS, "pooling")
 
 
 def apply_head(tensor: torch.Tensor, pool: str = "avg", l2: bool = False) -> torch.Tensor:

@@ -13,8 +13,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from imgfeat.errors import ImageError
-
-DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own bomb threshold: a 2 GB RGBA image
+from imgfeat.options import DEFAULT_MAX_PIXELS
 
 # Our own limit replaces Pillow's; a global warning filter would hide it from users' code.
 Image.MAX_IMAGE_PIXELS = None
@@ -25,8 +24,13 @@ _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
-def decode(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an encoded image to RGB: first frame, EXIF orientation applied."""
+def decode(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+           min_side: int | None = None) -> Image.Image:
+    """Decode an encoded image to RGB: first frame, EXIF orientation applied.
+
+    With `min_side`, a JPEG at least twice that size on both sides is decoded at 1/2, 1/4
+    or 1/8 scale (Pillow's draft: the DCT does the downscaling), never below `min_side`.
+    """
     if not data:
         raise ImageError("empty file")
     try:
@@ -36,6 +40,8 @@ def decode(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Im
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"unreadable image header: {exc}") from None
     _check_size(image, max_pixels)
+    if min_side and image.format == "JPEG":
+        image.draft(None, (min_side, min_side))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": harmless, not ours to print

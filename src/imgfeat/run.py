@@ -14,10 +14,8 @@ from imgfeat.devices import parse_devices, place_workers
 from imgfeat.engine.local import LocalEngine, Outcome
 from imgfeat.errors import ImgfeatError, UsageError
 from imgfeat.feed import FixedFeed, FollowerFeed, NodeSlice, PlannerFeed
-from imgfeat.head import check_pool
-from imgfeat.imaging import DEFAULT_MAX_PIXELS
-from imgfeat.models import DEFAULT_MODEL
-from imgfeat.plan import DEFAULT_SHARD_SIZE, Shard, plan_shards, recorded_shards
+from imgfeat.options import ExtractOptions
+from imgfeat.plan import Shard, plan_shards, recorded_shards
 from imgfeat.progress import Reporter
 from imgfeat.sources import check_sources, iter_items
 from imgfeat.store.layout import Layout, remove_temps_of
@@ -31,53 +29,11 @@ from imgfeat.store.manifest import (
 from imgfeat.store.reader import Store
 from imgfeat.store.virtual import build_virtual_file
 
-DTYPES = ("float16", "float32")
 NODE_WAIT_S = float(os.environ.get("IMGFEAT_NODE_WAIT_S", "600"))
 
 
 class RunIncomplete(ImgfeatError):
     """Some shards could not be extracted; what was committed is kept."""
-
-
-@dataclass
-class ExtractOptions:
-    """Every setting of `imgfeat extract`; the CLI flags have the same names."""
-
-    model: str = DEFAULT_MODEL
-    weights: str = "pretrained"
-    layer: str | None = None
-    pool: str = "avg"
-    l2: bool = False
-    image_size: int | None = None
-    crop_pct: float | None = None
-    resize_mode: str | None = None
-    interpolation: str | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    batch_size: int = 64
-    devices: str = "auto"
-    precision: str = "auto"
-    dtype: str = "float16"
-    shard_size: int = DEFAULT_SHARD_SIZE
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
-    threads: int | None = None
-    overwrite: bool = False
-    incremental: bool = False
-    num_nodes: int | None = None
-    node_rank: int | None = None
-    progress: str = "auto"  # auto | bar | lines | none
-
-    def check(self) -> None:
-        check_pool(self.pool)
-        if self.dtype not in DTYPES:
-            raise UsageError(f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPES)}")
-        for name in ("batch_size", "shard_size", "image_size", "threads", "max_pixels",
-                     "num_nodes"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.overwrite and self.incremental:
-            raise UsageError("--overwrite and --incremental contradict each other")
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,11 @@ import sys
 import traceback
 from dataclasses import dataclass
 
-import torch
-
 from imgfeat.devices import Placement, resolve_device, resolve_precision
 from imgfeat.errors import UsageError
-from imgfeat.extractor import Extractor
-from imgfeat.models import load_model
-from imgfeat.models.layers import resolve_layer
 from imgfeat.plan import read_shard_items
 from imgfeat.sources import Item
 from imgfeat.store.layout import Layout
-from imgfeat.worker import Worker
 
 PARENT_CHECK_S = 1.0
 
@@ -35,7 +29,12 @@ class Task:
     excluded: tuple[tuple[int, str], ...] = ()
 
 
-def build_extractor(opts, device: str) -> Extractor:
+def build_extractor(opts, device: str):
+    """The model on `device`, checked: unknown models, layers or weights raise UsageError."""
+    from imgfeat.extractor import Extractor
+    from imgfeat.models import load_model
+    from imgfeat.models.layers import resolve_layer
+
     device_ = resolve_device(device)
     precision = resolve_precision(opts.precision, device_)
     model = load_model(opts.model, opts.weights)
@@ -44,7 +43,8 @@ def build_extractor(opts, device: str) -> Extractor:
     preprocess = model.preprocess.with_overrides(
         size=size, crop_pct=opts.crop_pct, mode=opts.resize_mode,
         interpolation=opts.interpolation,
-        mean=tuple(opts.mean) if opts.mean else None, std=tuple(opts.std) if opts.std else None)
+        mean=tuple(opts.mean) if opts.mean else None, std=tuple(opts.std) if opts.std else None,
+        jpeg_draft=opts.jpeg_draft)
     return Extractor(model, layer, preprocess, device=device_, precision=precision,
                      pool=opts.pool, l2=opts.l2, dtype=opts.dtype)
 
@@ -52,11 +52,17 @@ def build_extractor(opts, device: str) -> Extractor:
 def worker_main(slot: int, placement: Placement, opts, out: str, tasks, results,
                 current) -> None:
     """Entry point of a spawned worker process."""
+    import torch  # here, not at the top: the coordinator imports this module too
+
+    from imgfeat.worker import Worker
+
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
     if placement.cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, placement.cpus)
     torch.set_num_threads(placement.torch_threads)
+    if placement.device.startswith("cuda"):
+        torch.cuda.set_device(placement.device)
     try:
         extractor = build_extractor(opts, placement.device)
     except UsageError as exc:

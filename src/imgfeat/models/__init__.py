@@ -7,8 +7,8 @@ from imgfeat.models import timm_backend, torchvision_backend
 from imgfeat.models.base import LoadedModel
 from imgfeat.models.preprocess import Preprocess
 from imgfeat.models.weights import file_sha256, state_digest
+from imgfeat.options import DEFAULT_MODEL
 
-DEFAULT_MODEL = "timm:resnet50"
 BACKENDS = {"timm": timm_backend.load, "torchvision": torchvision_backend.load}
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "Preprocess", "load_model"]

@@ -17,16 +17,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from imgfeat.errors import UsageError
+from imgfeat.options import INTERPOLATIONS as INTERPOLATION_NAMES
+from imgfeat.options import RESIZE_MODES
 
-RESIZE_MODES = ("crop", "squash", "pad")
-INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "lanczos": InterpolationMode.LANCZOS,
-    "box": InterpolationMode.BOX,
-    "hamming": InterpolationMode.HAMMING,
-}
+INTERPOLATIONS = {name: InterpolationMode(name) for name in INTERPOLATION_NAMES}
 
 
 @dataclass(frozen=True)
@@ -41,6 +35,7 @@ class Preprocess:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    jpeg_draft: bool = True  # decode large JPEGs at reduced scale (see imaging.decode)
 
     def __post_init__(self) -> None:
         if self.mode not in RESIZE_MODES:
@@ -58,6 +53,14 @@ class Preprocess:
 
     def with_overrides(self, **changes) -> Preprocess:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def draft_side(self) -> int | None:
+        """How small a drafted JPEG may get: twice the resize target, so that the final
+        antialiased resize still does the last halving. Drafting right down to the target
+        differs visibly from a full decode (pixel correlation down to 0.977 on the test
+        photos); keeping 2x stays at 0.999 or better."""
+        return 2 * max(self.scale_size) if self.jpeg_draft else None
 
     @property
     def scale_size(self) -> tuple[int, int]:

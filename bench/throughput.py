@@ -1,0 +1,257 @@
+"""imgfeat against what users run today, side by side on the same JPEGs and the same model:
+
+1. imgfeat end to end (`imgfeat extract`, a whole process, start-up included);
+2. the seed recipe ported to PyTorch: one image at a time, PIL, batch size 1;
+3. the conventional script: Dataset + PIL + the model's transform, DataLoader with
+   num_workers = cores, pin_memory, batch 64, the same precision;
+4. the model-only ceiling: the model on preprocessed tensors already in memory;
+5. the decode-only ceiling: decode + preprocess on all cores, no model.
+
+Lines 2 and 3 also run as whole processes (start-up included), like line 1. Ceilings are
+steady-state rates. Prints images/s and ratios and writes them to docs/benchmarks.md.
+
+    python bench/throughput.py [--count 2000] [--model timm:resnet50 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import commit, imgfeat_command, machine, write_section
+from corpus import build
+
+HERE = Path(__file__).resolve().parent
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def device_and_precision() -> tuple[str, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "cpu", "fp32"
+
+
+def build_model(spec: str, device: str):
+    """The model and its eval transform, built as a user's script would (random weights)."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(spec.removeprefix("timm:"), pretrained=False).eval().to(device)
+    model = model.to(memory_format=torch.channels_last)
+    config = timm.data.resolve_model_data_config(model)
+    return model, timm.data.create_transform(**config, is_training=False)
+
+
+def autocast(device: str, precision: str):
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device, dtype=dtype)
+
+
+def files_of(corpus: Path) -> list[Path]:
+    return sorted(corpus.glob("*.jpg"))
+
+
+# -- the lines, each run in a process of its own --------------------------------------------
+
+
+def seed_recipe(corpus: Path, spec: str) -> None:
+    import h5py
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    device, precision = device_and_precision()
+    model, transform = build_model(spec, device)
+    feats, names = [], []
+    with torch.inference_mode(), autocast(device, precision):
+        for path in files_of(corpus):
+            x = transform(Image.open(path).convert("RGB"))[None].to(device)
+            feats.append(model.forward_head(model.forward_features(x), pre_logits=True)
+                         .float().cpu().numpy()[0])
+            names.append(path.name)
+    with h5py.File(tempfile.mktemp(suffix=".h5"), "w") as f:
+        f["feats"], f["names"] = np.stack(feats), names
+
+
+def conventional(corpus: Path, spec: str) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+
+    device, precision = device_and_precision()
+    model, transform = build_model(spec, device)
+
+    class Images(Dataset):
+        def __init__(self, paths):
+            self.paths = paths
+
+        def __len__(self):
+            return len(self.paths)
+
+        def __getitem__(self, i):
+            return transform(Image.open(self.paths[i]).convert("RGB"))
+
+    loader = DataLoader(Images(files_of(corpus)), batch_size=64, num_workers=cores(),
+                        pin_memory=device == "cuda")
+    feats = []
+    with torch.inference_mode(), autocast(device, precision):
+        for batch in loader:
+            batch = batch.to(device, non_blocking=True).contiguous(
+                memory_format=torch.channels_last)
+            feats.append(model.forward_head(model.forward_features(batch), pre_logits=True)
+                         .float().cpu().numpy())
+    np.save(tempfile.mktemp(suffix=".npy"), np.concatenate(feats))
+
+
+def model_ceiling(spec: str, seconds: float = 10.0) -> float:
+    import torch
+
+    device, precision = device_and_precision()
+    model, _ = build_model(spec, device)
+    config_size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    batch = torch.randn(64, *config_size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast(device, precision):
+        model.forward_head(model.forward_features(batch), pre_logits=True)  # warm up
+        done, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            model.forward_head(model.forward_features(batch), pre_logits=True).float().cpu()
+            done += len(batch)
+    return done / (time.perf_counter() - began)
+
+
+def _decode_one(args) -> None:
+    path, preprocess = args
+    from imgfeat.decode import load_pixels
+    from imgfeat.sources import Item
+
+    load_pixels(Item(path.name, str(path)), preprocess, None)
+
+
+def decode_ceiling(corpus: Path, spec: str) -> float:
+    """The fastest decode + preprocess at hand (imgfeat's uint8 path), one process per core."""
+    from multiprocessing import get_context
+
+    import timm
+
+    from imgfeat.models.timm_backend import _preprocess
+
+    preprocess = _preprocess(timm, build_model(spec, "cpu")[0])
+    paths = files_of(corpus)
+    with get_context("spawn").Pool(cores()) as pool:
+        pool.map(_decode_one, [(paths[0], preprocess)] * cores())  # imports done
+        began = time.perf_counter()
+        pool.map(_decode_one, [(p, preprocess) for p in paths], chunksize=8)
+        return len(paths) / (time.perf_counter() - began)
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+def timed_process(args: list[str]) -> float:
+    began = time.perf_counter()
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - began
+
+
+def measure(corpus: Path, small: Path, spec: str, work: Path, extra: list[str]
+            ) -> dict[str, tuple[float, float]]:
+    """(end-to-end rate, steady rate) per line. The steady rate of a whole-process line is
+    taken from two runs, on the corpus and on its first images: the difference cancels the
+    start-up (imports, model build, worker start) that both runs pay."""
+    count, few = len(files_of(corpus)), len(files_of(small))
+    me = [sys.executable, str(Path(__file__).resolve())]
+    commands = {
+        "imgfeat": lambda c: imgfeat_command(c, work / "out", "--model", spec, *extra),
+        "seed recipe": lambda c: [*me, "--line", "seed", "--corpus", str(c), "--model", spec],
+        "conventional": lambda c: [*me, "--line", "conventional", "--corpus", str(c),
+                                   "--model", spec],
+    }
+    rates = {}
+    for line, command in commands.items():
+        full, short = timed_process(command(corpus)), timed_process(command(small))
+        rates[line] = (count / full, (count - few) / max(full - short, 1e-9))
+    for line in ("model", "decode"):
+        output = subprocess.run([*me, "--line", line, "--corpus", str(corpus), "--model", spec],
+                                check=True, capture_output=True, text=True).stdout
+        rate = json.loads(output.strip().splitlines()[-1])
+        rates[f"{line}-only ceiling"] = (rate, rate)
+    return rates
+
+
+def report(spec: str, count: int, rates: dict[str, tuple[float, float]]) -> str:
+    decode, model = rates["decode-only ceiling"][1], rates["model-only ceiling"][1]
+    if cores() <= 4:  # decode and model share the cores: the best is their serial sum
+        ceiling, name = 1 / (1 / decode + 1 / model), "serial sum"
+    else:
+        ceiling, name = min(decode, model), "min"
+    mine = rates["imgfeat"]
+    lines = [f"### {spec}, {count} JPEGs", "",
+             "| line | end to end, images/s | steady, images/s | imgfeat (steady) is x |",
+             "|---|---|---|---|"]
+    for line, (end_to_end, steady) in rates.items():
+        lines.append(f"| {line} | {end_to_end:.1f} | {steady:.1f} | {mine[1] / steady:.2f} |")
+    lines.append(f"| ceiling: {name} of decode and model | | {ceiling:.1f} | "
+                 f"{mine[1] / ceiling:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--line", choices=("seed", "conventional", "model", "decode"))
+    parser.add_argument("--corpus", type=Path)
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--model", action="append")
+    parser.add_argument("--imgfeat-option", action="append", default=[],
+                        help="extra option for the imgfeat line (repeatable)")
+    parser.add_argument("--work", type=Path,
+                        default=Path(tempfile.gettempdir()) / "imgfeat-bench")
+    args = parser.parse_args()
+    if args.line:
+        spec = args.model[0]
+        if args.line == "seed":
+            seed_recipe(args.corpus, spec)
+        elif args.line == "conventional":
+            conventional(args.corpus, spec)
+        elif args.line == "model":
+            print(json.dumps(model_ceiling(spec)))
+        else:
+            print(json.dumps(decode_ceiling(args.corpus, spec)))
+        return
+    corpus = build(args.work / f"corpus-{args.count}", args.count)
+    small = build(args.work / "corpus-100", 100)
+    sections = []
+    for spec in args.model or ["timm:resnet50", "timm:mobilenetv3_small_100"]:
+        rates = measure(corpus, small, spec, args.work, args.imgfeat_option)
+        sections.append(report(spec, args.count, rates))
+        print(sections[-1], "\n", flush=True)
+    device, precision = device_and_precision()
+    write_section(f"Throughput against the alternatives ({device})",
+                  f"Machine: {machine()}; commit {commit()}; precision {precision}; random "
+                  "weights; 500x375 JPEGs (quality 90). All lines measured in the same run. "
+                  "Lines 1-3 are whole processes: end to end includes start-up; steady is "
+                  "(N - 100) / (time on N - time on the first 100).\n\n" + "\n\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()

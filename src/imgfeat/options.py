@@ -1,0 +1,70 @@
+"""Every setting of an extraction run, and the names they accept. Deliberately free of torch
+and model libraries: the command line and the coordinator import it, and only the worker
+processes pay for importing a deep-learning stack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from imgfeat.errors import UsageError
+
+DEFAULT_MODEL = "timm:resnet50"
+DEFAULT_SHARD_SIZE = 10_000
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own bomb threshold: a 2 GB RGBA image
+POOLS = ("avg", "max", "none")
+DTYPES = ("float16", "float32")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RESIZE_MODES = ("crop", "squash", "pad")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise UsageError(f"unknown {what} {value!r}; choose {', '.join(choices)}")
+    return value
+
+
+@dataclass
+class ExtractOptions:
+    """Every setting of `imgfeat extract`; the CLI flags have the same names."""
+
+    model: str = DEFAULT_MODEL
+    weights: str = "pretrained"
+    layer: str | None = None
+    pool: str = "avg"
+    l2: bool = False
+    image_size: int | None = None
+    crop_pct: float | None = None
+    resize_mode: str | None = None
+    interpolation: str | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    jpeg_draft: bool = True
+    batch_size: int = 64
+    devices: str = "auto"
+    precision: str = "auto"
+    dtype: str = "float16"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    threads: int | None = None
+    overwrite: bool = False
+    incremental: bool = False
+    num_nodes: int | None = None
+    node_rank: int | None = None
+    progress: str = "auto"  # auto | bar | lines | none
+
+    def check(self) -> None:
+        check_choice(self.pool, POOLS, "pooling")
+        check_choice(self.dtype, DTYPES, "dtype")
+        check_choice(self.precision, PRECISIONS, "precision")
+        if self.resize_mode is not None:
+            check_choice(self.resize_mode, RESIZE_MODES, "resize mode")
+        if self.interpolation is not None:
+            check_choice(self.interpolation, INTERPOLATIONS, "interpolation")
+        for name in ("batch_size", "shard_size", "image_size", "threads", "max_pixels",
+                     "num_nodes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.overwrite and self.incremental:
+            raise UsageError("--overwrite and --incremental contradict each other")
