@@ -93,3 +93,13 @@ def test_decode_threads_do_not_leak(tmp_path, photos):
     imgfeat.extract(str(photos), tmp_path / "a", **OPTIONS)
     time.sleep(0.2)
     assert threading.active_count() <= before + 1  # at most the finished planner thread
+
+
+def test_profile_prints_time_per_stage(tmp_path, photos, capsys):
+    from imgfeat.cli import main
+
+    assert main(["extract", str(photos), "-o", str(tmp_path / "o"), "--model", "timm:resnet18",
+                 "--weights", "random", "--image-size", "64", "--profile"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("read", "decode", "preprocess", "wait", "forward", "write", "wall"):
+        assert f"\n{stage} " in err

@@ -106,6 +106,8 @@ def _add_extract(commands) -> None:
                    help="extract only images whose keys are not in the store yet")
     r.add_argument("--num-nodes", type=int, help="machines sharing OUT (default: SLURM's, or 1)")
     r.add_argument("--node-rank", type=int, help="this machine's rank, 0.. (default: SLURM's)")
+    r.add_argument("--profile", action="store_true",
+                   help="print seconds per stage (read, decode, preprocess, forward, write)")
     r.add_argument("--quiet", action="store_true", help="no progress and no summary")
     p.set_defaults(handler=run_extract)
 

@@ -14,6 +14,7 @@ import numpy as np
 from imgfeat.errors import ImageError
 from imgfeat.imaging import decode
 from imgfeat.models.preprocess import Preprocess
+from imgfeat.profile import OFF
 from imgfeat.sources import Item
 
 T = TypeVar("T")
@@ -30,16 +31,20 @@ def default_threads() -> int:
 _CRASH_ON = os.environ.get("IMGFEAT_TEST_CRASH_ON")
 
 
-def load_pixels(item: Item, preprocess: Preprocess, max_pixels: int | None) -> np.ndarray | str:
+def load_pixels(item: Item, preprocess: Preprocess, max_pixels: int | None,
+                times=OFF) -> np.ndarray | str:
     """The model-sized uint8 pixels of one item, or the reason it has none."""
     if item.error is not None:
         return item.error
     if _CRASH_ON and item.path.endswith(_CRASH_ON):
         os._exit(99)
     try:
-        with open(item.path, "rb") as handle:
+        with times.stage("read"), open(item.path, "rb") as handle:
             data = handle.read()
-        return preprocess.geometry(decode(data, max_pixels, preprocess.draft_side))
+        with times.stage("decode"):
+            image = decode(data, max_pixels, preprocess.draft_side)
+        with times.stage("preprocess"):
+            return preprocess.geometry(image)
     except ImageError as exc:
         return str(exc)
     except OSError as exc:

@@ -52,6 +52,7 @@ class ExtractOptions:
     num_nodes: int | None = None
     node_rank: int | None = None
     progress: str = "auto"  # auto | bar | lines | none
+    profile: bool = False
 
     def check(self) -> None:
         check_choice(self.pool, POOLS, "pooling")

@@ -16,6 +16,7 @@ from imgfeat.errors import ImgfeatError, UsageError
 from imgfeat.feed import FixedFeed, FollowerFeed, NodeSlice, PlannerFeed
 from imgfeat.options import ExtractOptions
 from imgfeat.plan import Shard, plan_shards, recorded_shards
+from imgfeat.profile import StageTimes
 from imgfeat.progress import Reporter
 from imgfeat.sources import check_sources, iter_items
 from imgfeat.store.layout import Layout, remove_temps_of
@@ -208,6 +209,11 @@ def _finish(layout: Layout, manifest: dict, node: Node, reporter: Reporter,
         + ("" if complete or outcome.failed else
            f"\nnode {node.rank} finished its part; {planned - len(committed)} shards of other "
            "nodes are still to come ('imgfeat info' shows which)"))
+    if outcome.stage_times:
+        times = StageTimes()
+        for seconds in outcome.stage_times.values():
+            times.add(seconds)
+        reporter.summary("profile (all workers):\n" + times.table(done, elapsed))
     if outcome.failed:
         reasons = "; ".join(f"shard {i}: {why}" for i, why in sorted(outcome.failed.items()))
         raise RunIncomplete(f"{len(outcome.failed)} shard(s) failed ({reasons}); committed "

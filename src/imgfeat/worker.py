@@ -13,6 +13,7 @@ import torch
 
 from imgfeat.decode import load_pixels, ordered_map
 from imgfeat.extractor import Extractor
+from imgfeat.profile import OFF, StageTimes
 from imgfeat.sources import Item
 from imgfeat.store.layout import Layout
 from imgfeat.store.writer import ShardWriter
@@ -29,8 +30,9 @@ class ShardResult:
 
 class Worker:
     def __init__(self, extractor: Extractor, layout: Layout, *, batch_size: int,
-                 threads: int, max_pixels: int | None):
+                 threads: int, max_pixels: int | None, profile: bool = False):
         self.extractor = extractor
+        self.times = StageTimes() if profile else OFF
         self.layout = layout
         self.batch_size = batch_size
         self.max_pixels = max_pixels
@@ -53,7 +55,8 @@ class Worker:
                              self.extractor.dtype.name, capacity=max(1, len(items)))
         try:
             self._fill(writer, items, progress, current)
-            writer.commit()
+            with self.times.stage("write"):
+                writer.commit()
         finally:
             writer.discard()
         return ShardResult(index, len(writer.keys), len(writer.error_keys))
@@ -64,7 +67,12 @@ class Worker:
         ahead = 1 if current is not None else self._ahead
         keys: list[str] = []
         errors = 0
-        for (_, item), pixels in ordered_map(self._pool, load, enumerate(items), ahead):
+        decoded = ordered_map(self._pool, load, enumerate(items), ahead)
+        while True:
+            with self.times.stage("wait"):
+                (_, item), pixels = next(decoded, ((None, None), None))
+            if item is None:
+                break
             if isinstance(pixels, str):
                 writer.add_error(item.key, pixels)
                 errors += 1
@@ -82,9 +90,9 @@ class Worker:
         def load(numbered: tuple[int, Item]):
             position, item = numbered
             if current is None:
-                return load_pixels(item, preprocess, max_pixels)
+                return load_pixels(item, preprocess, max_pixels, self.times)
             current.value = position
-            pixels = load_pixels(item, preprocess, max_pixels)
+            pixels = load_pixels(item, preprocess, max_pixels, self.times)
             current.value = -1
             return pixels
 
@@ -93,7 +101,10 @@ class Worker:
     def _flush(self, writer: ShardWriter, keys: list[str], errors: int,
                progress: Progress) -> None:
         if keys:
-            writer.add_rows(keys, self._forward(self._buffer[:len(keys)]))
+            with self.times.stage("forward"):
+                features = self._forward(self._buffer[:len(keys)])
+            with self.times.stage("write"):
+                writer.add_rows(keys, features)
         progress(len(keys), errors)
 
     def _forward(self, batch: torch.Tensor) -> np.ndarray:

@@ -46,9 +46,11 @@ class _Slot:
 
 @dataclass
 class Outcome:
-    """What a run of the engine left undone: shard index -> why it failed."""
+    """What a run of the engine left undone (shard index -> why it failed), and, with
+    --profile, each worker process's seconds per stage."""
 
     failed: dict[int, str] = field(default_factory=dict)
+    stage_times: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 class LocalEngine:
@@ -146,6 +148,8 @@ class LocalEngine:
             reporter.advance(message[2], message[3], worker=slot.name)
         elif kind == "done":
             slot.task = None
+            if message[5]:
+                self.outcome.stage_times[slot.process.pid] = message[5]
         elif kind == "failed" and slot.task is not None:
             self._retry(slot, message[3], reporter, waiting)
         elif kind == "fatal":  # a replacement worker could not load the model

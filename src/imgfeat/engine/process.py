@@ -70,7 +70,8 @@ def worker_main(slot: int, placement: Placement, opts, out: str, tasks, results,
         return
     layout = Layout(out)
     worker = Worker(extractor, layout, batch_size=opts.batch_size,
-                    threads=placement.decode_threads, max_pixels=opts.max_pixels)
+                    threads=placement.decode_threads, max_pixels=opts.max_pixels,
+                    profile=opts.profile)
     results.put(("ready", slot, extractor.identity()))
     parent = os.getppid()
     while (task := _next_task(tasks, parent)) is not None:
@@ -83,7 +84,8 @@ def worker_main(slot: int, placement: Placement, opts, out: str, tasks, results,
         except BaseException:  # any failure here is the shard's: report it, let a new
             results.put(("failed", slot, task.index, _last_line(traceback.format_exc())))
             sys.exit(1)         # process retry it (a CUDA error leaves this one unusable)
-        results.put(("done", slot, result.index, result.rows, result.errors))
+        times = getattr(worker.times, "seconds", None)
+        results.put(("done", slot, result.index, result.rows, result.errors, times))
     worker.close()
 
 
