@@ -102,6 +102,10 @@ def _add_extract(commands) -> None:
     r.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     r.add_argument("--overwrite", action="store_true",
                    help="replace an output folder that holds different features")
+    r.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local: one process per device here; ray: actors on a Ray cluster")
+    r.add_argument("--ray-address", default="auto",
+                   help="Ray cluster to join (default auto: a running one, else start one)")
     r.add_argument("--incremental", action="store_true",
                    help="extract only images whose keys are not in the store yet")
     r.add_argument("--num-nodes", type=int, help="machines sharing OUT (default: SLURM's, or 1)")

@@ -16,6 +16,7 @@ DTYPES = ("float16", "float32")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESIZE_MODES = ("crop", "squash", "pad")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+ENGINES = ("local", "ray")
 
 
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
@@ -51,6 +52,8 @@ class ExtractOptions:
     incremental: bool = False
     num_nodes: int | None = None
     node_rank: int | None = None
+    engine: str = "local"
+    ray_address: str = "auto"
     progress: str = "auto"  # auto | bar | lines | none
     profile: bool = False
 
@@ -58,6 +61,7 @@ class ExtractOptions:
         check_choice(self.pool, POOLS, "pooling")
         check_choice(self.dtype, DTYPES, "dtype")
         check_choice(self.precision, PRECISIONS, "precision")
+        check_choice(self.engine, ENGINES, "engine")
         if self.resize_mode is not None:
             check_choice(self.resize_mode, RESIZE_MODES, "resize mode")
         if self.interpolation is not None:
@@ -67,5 +71,8 @@ class ExtractOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.engine == "ray" and (self.num_nodes or 1) > 1:
+            raise UsageError("--num-nodes is for running without a cluster engine; "
+                             "with --engine ray, Ray spreads the work over the cluster")
         if self.overwrite and self.incremental:
             raise UsageError("--overwrite and --incremental contradict each other")

@@ -51,6 +51,7 @@ class Reporter:
         self._last_line = self._started
         self._bar: Progress | None = None
         self._workers: dict[str, int] = {}
+        self._note = ""
 
     def start(self, total: int | None, already_done: int = 0) -> None:
         self.total, self.already_done = total, already_done
@@ -64,6 +65,15 @@ class Reporter:
             self._bar.start()
             self._task = self._bar.add_task(self.label, total=total, completed=already_done,
                                             errors=0, devices="")
+
+    def note(self, text: str) -> None:
+        """A short status shown beside the counts (e.g. workers alive)."""
+        self._note = text
+        if self._bar is not None:
+            self._bar.update(self._task, devices=self._extra())
+
+    def _extra(self) -> str:
+        return ", ".join(part for part in (self.device_rates(), self._note) if part)
 
     def skip(self, count: int) -> None:
         """Images done by an earlier run (committed shards): counted, not timed."""
@@ -85,7 +95,7 @@ class Reporter:
             self._workers[worker] = self._workers.get(worker, 0) + rows + errors
         if self._bar is not None:
             self._bar.update(self._task, advance=rows + errors, errors=self.errors,
-                             devices=self.device_rates())
+                             devices=self._extra())
         elif self.mode == "lines" and time.monotonic() - self._last_line >= self.interval:
             self._last_line = time.monotonic()
             self._print(self._line())
@@ -108,7 +118,7 @@ class Reporter:
     def _line(self) -> str:
         rate = self.rate()
         done = self.done + self.already_done
-        devices = f" ({rates})" if (rates := self.device_rates()) else ""
+        devices = f" ({extra})" if (extra := self._extra()) else ""
         if self.total is None:
             return (f"{self.label}: {done:,} {self.unit}, {rate:,.1f} {self.per_second}{devices}, "
                     f"{self.errors:,} errors")

@@ -72,8 +72,7 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
     if node.count > 1 and opts.incremental:
         raise UsageError("--incremental runs on one node; drop --num-nodes for it")
     layout = Layout(Path(out).resolve())
-    placements = place_workers(parse_devices(opts.devices), opts.threads)
-    engine = LocalEngine(placements, opts, str(layout.root))
+    engine = _engine(opts, str(layout.root))
     reporter = Reporter(opts.progress)
     finished = False
     try:
@@ -87,6 +86,15 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
         engine.stop(graceful=finished)
     _finish(layout, manifest, node, reporter, outcome)
     return Store(out)
+
+
+def _engine(opts: ExtractOptions, out: str):
+    if opts.engine == "ray":
+        from imgfeat.engine.ray_engine import RayEngine, ray_placements
+
+        return RayEngine(lambda ray: ray_placements(ray, opts.devices, opts.threads), opts,
+                         out, opts.ray_address)
+    return LocalEngine(place_workers(parse_devices(opts.devices), opts.threads), opts, out)
 
 
 def _open_output(layout: Layout, identity: dict, opts: ExtractOptions, node: Node) -> dict:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from imgfeat.devices import Placement
 from imgfeat.engine.process import Task, worker_main
+from imgfeat.engine.retry import RetryPolicy
 from imgfeat.errors import ImgfeatError, UsageError
 from imgfeat.progress import Reporter
 from imgfeat.store.layout import Layout, remove_temps_of
 
-MAX_ATTEMPTS = 3  # deaths of a worker on one shard with no image to blame
 MAX_START_FAILURES = 3  # deaths of one device's worker before it is ready
 POLL_S = 0.1
 
@@ -60,8 +60,8 @@ class LocalEngine:
         self._options, self._out = options, out
         self._pids: list[int] = []
         self._slots = [self._spawn(i, p) for i, p in enumerate(placements)]
-        self._attempts: dict[int, int] = {}
-        self.outcome = Outcome()
+        self._policy = RetryPolicy()
+        self.outcome = Outcome(failed=self._policy.failed)
 
     # -- workers -------------------------------------------------------------------------
 
@@ -170,18 +170,11 @@ class LocalEngine:
     def _retry(self, slot: _Slot, reason: str, reporter: Reporter,
                waiting: deque[Task]) -> None:
         """Put the shard back: with the image being decoded excluded if there was one."""
-        task, position = slot.task, slot.current.value
-        slot.task = None
+        task, slot.task = slot.task, None
         reporter.advance(-slot.done_rows, -slot.done_errors, worker=slot.name)
-        if task.careful and position >= 0:
-            blame = f"worker process died while decoding this image ({reason})"
-            waiting.appendleft(Task(task.index, True, task.excluded + ((position, blame),)))
-            return
-        attempts = self._attempts[task.index] = self._attempts.get(task.index, 0) + 1
-        if attempts >= MAX_ATTEMPTS:
-            self.outcome.failed[task.index] = reason
-            return
-        waiting.appendleft(Task(task.index, True, task.excluded))
+        retry = self._policy.after_death(task, slot.current.value, reason)
+        if retry is not None:
+            waiting.appendleft(retry)
 
 
 def describe_exit(code: int | None) -> str:

@@ -49,44 +49,64 @@ def build_extractor(opts, device: str):
                      pool=opts.pool, l2=opts.l2, dtype=opts.dtype)
 
 
+class ShardRunner:
+    """One worker's model and pipeline, pinned to its device: what both engines run."""
+
+    def __init__(self, placement: Placement, opts, out: str):
+        import torch  # here, not at the top: the coordinator imports this module too
+
+        from imgfeat.worker import Worker
+
+        if placement.cpus and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, placement.cpus)
+        torch.set_num_threads(placement.torch_threads)
+        if placement.device.startswith("cuda"):
+            torch.cuda.set_device(placement.device)
+        self.extractor = build_extractor(opts, placement.device)
+        self.layout = Layout(out)
+        self.worker = Worker(self.extractor, self.layout, batch_size=opts.batch_size,
+                             threads=placement.decode_threads, max_pixels=opts.max_pixels,
+                             profile=opts.profile)
+
+    def identity(self) -> dict:
+        return self.extractor.identity()
+
+    def run(self, task: Task, progress, current=None) -> tuple:
+        """(index, rows, errors, seconds per stage or None) of one committed shard."""
+        items = _with_exclusions(read_shard_items(self.layout, task.index), task.excluded)
+        result = self.worker.run_shard(task.index, items, progress,
+                                       current=current if task.careful else None)
+        return (result.index, result.rows, result.errors,
+                getattr(self.worker.times, "seconds", None))
+
+    def close(self) -> None:
+        self.worker.close()
+
+
 def worker_main(slot: int, placement: Placement, opts, out: str, tasks, results,
                 current) -> None:
-    """Entry point of a spawned worker process."""
-    import torch  # here, not at the top: the coordinator imports this module too
-
-    from imgfeat.worker import Worker
-
+    """Entry point of a spawned worker process of the local engine."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
-    if placement.cpus and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, placement.cpus)
-    torch.set_num_threads(placement.torch_threads)
-    if placement.device.startswith("cuda"):
-        torch.cuda.set_device(placement.device)
     try:
-        extractor = build_extractor(opts, placement.device)
+        runner = ShardRunner(placement, opts, out)
     except UsageError as exc:
         results.put(("fatal", slot, str(exc)))
         return
-    layout = Layout(out)
-    worker = Worker(extractor, layout, batch_size=opts.batch_size,
-                    threads=placement.decode_threads, max_pixels=opts.max_pixels,
-                    profile=opts.profile)
-    results.put(("ready", slot, extractor.identity()))
+    results.put(("ready", slot, runner.identity()))
     parent = os.getppid()
+
+    def progress(rows: int, errors: int) -> None:
+        results.put(("progress", slot, rows, errors))
+
     while (task := _next_task(tasks, parent)) is not None:
         try:
-            items = _with_exclusions(read_shard_items(layout, task.index), task.excluded)
-            result = worker.run_shard(
-                task.index, items, lambda rows, errors: results.put(("progress", slot, rows,
-                                                                      errors)),
-                current=current if task.careful else None)
+            done = runner.run(task, progress, current)
         except BaseException:  # any failure here is the shard's: report it, let a new
             results.put(("failed", slot, task.index, _last_line(traceback.format_exc())))
             sys.exit(1)         # process retry it (a CUDA error leaves this one unusable)
-        times = getattr(worker.times, "seconds", None)
-        results.put(("done", slot, result.index, result.rows, result.errors, times))
-    worker.close()
+        results.put(("done", slot, *done))
+    runner.close()
 
 
 def _next_task(tasks, parent: int) -> Task | None:

@@ -1,0 +1,148 @@
+"""The Ray engine on a local Ray cluster started once for these tests (8 logical CPUs on
+whatever cores the machine has): same store as the local engine, actors killed mid-shard,
+and a driver killed mid-run."""
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import FAST
+from test_engine import assert_same_store, committed, make_many, shard_mtimes, wait_for, writing
+
+import imgfeat
+from imgfeat.cli import main
+from imgfeat.errors import UsageError
+
+# Ray authenticates its clients with a token: share one between the test cluster and every
+# driver (this process and those it starts), keeping authentication on. Set before Ray is
+# imported, which reads it.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+ray = pytest.importorskip("ray")
+
+SHARD = ["--shard-size", "4"]
+
+
+def ray_command(*args: str) -> list[str]:
+    executable = shutil.which("ray")
+    return [executable, *args] if executable else [sys.executable, "-m", "ray.scripts.scripts",
+                                                   *args]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    temp = tmp_path_factory.mktemp("ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    started = subprocess.run(
+        ray_command("start", "--head", "--num-cpus", "8", "--port", "0",
+                    "--include-dashboard", "false", "--temp-dir", str(temp),
+                    "--disable-usage-stats"),
+        capture_output=True, text=True, env=env, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    address = _address(started.stdout + started.stderr, temp)
+    yield address
+    if ray.is_initialized():
+        ray.shutdown()
+    subprocess.run(ray_command("stop", "--force"), capture_output=True, timeout=120)
+
+
+def _address(output: str, temp: Path) -> str:
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", output).splitlines():
+        if "--address=" in line:
+            return line.split("--address=")[1].split()[0].strip("'\"")
+    raise AssertionError(f"no address in ray start output:\n{output}")
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory) -> Path:
+    return make_many(tmp_path_factory.mktemp("ray-many"), 40)
+
+
+@pytest.fixture(scope="module")
+def local_store(many, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ray-local") / "out"
+    assert main(["extract", str(many), "-o", str(out), *FAST, *SHARD, "--devices", "cpu:2",
+                 "--image-size", "96"]) == 0
+    return out
+
+
+def ray_args(many: Path, out: Path, address: str) -> list[str]:
+    return ["extract", str(many), "-o", str(out), *FAST, *SHARD, "--image-size", "96",
+            "--engine", "ray", "--ray-address", address, "--devices", "cpu:2"]
+
+
+def test_ray_engine_gives_the_local_engines_store_bitwise(many, local_store, cluster,
+                                                          tmp_path):
+    out = tmp_path / "ray"
+    assert main(ray_args(many, out, cluster)) == 0
+    assert_same_store(local_store, out)
+
+
+def _actor_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if command.startswith(b"ray::ImgfeatWorker"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_actor_killed_mid_shard_is_replaced_and_output_is_exactly_once(many, local_store,
+                                                                        cluster, tmp_path):
+    out = tmp_path / "ray"
+    result = {}
+    run = threading.Thread(target=lambda: result.update(code=main(ray_args(many, out,
+                                                                           cluster))))
+    run.start()
+
+    class Running:
+        def poll(self):
+            return None if run.is_alive() else 0
+
+    wait_for(lambda: committed(out) >= 1 and writing(out) and _actor_pids(), Running())
+    os.kill(_actor_pids()[0], signal.SIGKILL)
+    run.join(timeout=600)
+    assert result["code"] == 0
+    assert_same_store(local_store, out)
+    assert imgfeat.open_store(out).errors == []  # a killed actor blames no image
+
+
+def test_driver_killed_mid_run_then_rerun_resumes(many, local_store, cluster, tmp_path):
+    out = tmp_path / "ray"
+    command = [sys.executable, "-m", "imgfeat", *ray_args(many, out, cluster)]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: committed(out) >= 2, driver, timeout=300)
+    driver.kill()
+    driver.wait(timeout=60)
+    kept = shard_mtimes(out)
+    assert kept and len(kept) < 10
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_store(local_store, out)
+    after = shard_mtimes(out)
+    assert {name: after[name] for name in kept} == kept
+
+
+def test_without_ray_the_error_says_how_to_install(monkeypatch):
+    from imgfeat.engine import ray_engine
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(UsageError, match=r"pip install 'imgfeat\[ray\]'"):
+        ray_engine.import_ray()
+
+
+def test_ray_refuses_several_nodes_flags(many, tmp_path):
+    with pytest.raises(UsageError, match="--num-nodes is for running without"):
+        imgfeat.extract(str(many), tmp_path / "o", engine="ray", num_nodes=2, node_rank=0)
+
