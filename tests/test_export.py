@@ -72,10 +72,10 @@ def test_parquet_export_reads_back_with_pyarrow_and_duckdb(store_dir, truth, tmp
         np.testing.assert_array_equal(by_key[key], row)
 
 
-def test_h5_export_is_a_real_self_contained_copy(store_dir, truth, tmp_path):
+def test_h5_export_is_a_real_self_contained_copy(store_dir, truth, tmp_path, capsys):
     dest = tmp_path / "all.h5"
-    assert main(["export", str(store_dir), "--to", "h5", str(dest), "--compression", "gzip",
-                 "--quiet"]) == 0
+    assert main(["export", str(store_dir), "--to", "h5", str(dest), "--compression", "gzip"]) == 0
+    assert f"exported 19 rows as h5 -> {dest}" in capsys.readouterr().err  # progress shown
     moved = tmp_path / "elsewhere.h5"
     shutil.copy(dest, moved)
     with h5py.File(moved, "r") as f:

@@ -34,6 +34,7 @@ class PlannerFeed:
         self.finished = False
         self._queue: queue.Queue = queue.Queue()
         self._known = list(known)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(planner,),
                                         name="imgfeat-plan", daemon=True)
         self._thread.start()
@@ -42,9 +43,17 @@ class PlannerFeed:
         try:
             for shard in planner:
                 self._queue.put(shard)
+                if self._stop.is_set():  # the run was interrupted: stop listing
+                    planner.close()
+                    return
             self._queue.put(None)
         except BaseException as exc:  # raised again in the polling thread
             self._queue.put(exc)
+
+    def stop(self) -> None:
+        """Stop planning after the current shard (an interrupted run); safe to call twice."""
+        self._stop.set()
+        self._thread.join(timeout=30)
 
     def poll(self) -> list[Shard]:
         found, self._known = self._known, []

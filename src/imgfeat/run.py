@@ -165,7 +165,11 @@ def _extract(engine: LocalEngine, layout: Layout, manifest: dict, sources: list[
     watched = _Watched(NodeSlice(feed, node.count, node.rank), committed, reporter,
                        lambda shards: _plan_complete(layout, manifest, shards, node))
     reporter.start(total=None)
-    return engine.run(watched, reporter, committed)
+    try:
+        return engine.run(watched, reporter, committed)
+    finally:
+        if isinstance(feed, PlannerFeed):
+            feed.stop()
 
 
 class _Watched:
