@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("out", metavar="OUT")
     info.set_defaults(handler=run_info)
     _add_export(commands)
+    whiten = commands.add_parser(
+        "whiten", help="learn PCA whitening from a store; write it and a whitened store")
+    whiten.add_argument("out", metavar="OUT")
+    whiten.add_argument("--dim", type=int, required=True, help="dimensions to keep")
+    whiten.add_argument("-o", "--dest", help="whitened store (default: OUT-whitened-DIM)")
+    whiten.add_argument("--l2", action="store_true", help="L2-normalise whitened features")
+    whiten.add_argument("--overwrite", action="store_true")
+    whiten.set_defaults(handler=run_whiten)
     verify = commands.add_parser("verify", help="check every shard against the manifest and plan")
     verify.add_argument("out", metavar="OUT")
     verify.set_defaults(handler=run_verify)
@@ -77,6 +85,11 @@ def _add_extract(commands) -> None:
                    help="pretrained (download), random (no network), or PATH to a state dict")
     m.add_argument("--layer", help="module name to tap (default: pooled pre-logits embedding)")
     m.add_argument("--pool", default="avg", choices=POOLS, help="pooling of spatial maps")
+    m.add_argument("--gem-p", type=float, default=3.0, help="power of --pool gem (default 3)")
+    m.add_argument("--scales", type=_scales, default=(1.0,), metavar="S,S,...",
+                   help="extract at several input scales (e.g. 1,0.707,0.5), combined by "
+                   "generalized mean, then L2")
+    m.add_argument("--whiten", metavar="FILE", help="apply a whitening from 'imgfeat whiten'")
     m.add_argument("--l2", action="store_true", help="L2-normalise each feature")
     pre = p.add_argument_group("preprocessing (default: the model's own)")
     pre.add_argument("--image-size", type=int, metavar="N", help="input size N x N")
@@ -146,6 +159,30 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_whiten(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from imgfeat.store.derive import derive_store
+    from imgfeat.store.reader import Store
+    from imgfeat.whitening import learn
+
+    dest = args.dest or f"{str(args.out).rstrip('/')}-whitened-{args.dim}"
+    with Store(args.out) as store:
+        if store.manifest.get("whiten"):
+            raise UsageError(f"{args.out} is whitened already")
+        whitening = learn(np.asarray(store.features()), args.dim, store.manifest["l2"])
+        whitened = derive_store(
+            store, dest, lambda features: whitening.apply(features, l2=args.l2),
+            {"whiten": whitening.describe(), "l2": args.l2, "feature_shape": [args.dim]},
+            overwrite=args.overwrite)
+    whitening.save(whitened.layout.root / "whitening.npz")
+    print(f"whitening of {len(whitened):,} features to {args.dim} dimensions -> "
+          f"{whitened.layout.root / 'whitening.npz'}; whitened store -> {whitened.layout.root}")
+    print(f"apply it while extracting: imgfeat extract ... --whiten "
+          f"{whitened.layout.root / 'whitening.npz'}{' --l2' if args.l2 else ''}")
+    return 0
+
+
 def run_verify(args: argparse.Namespace) -> int:
     from imgfeat.store.reader import Store
     from imgfeat.store.verify import verify
@@ -185,7 +222,12 @@ def describe(store) -> str:
     lines = [
         f"store      {store.layout.root}",
         f"model      {store.model} (weights: {m['weights'].get('path') or m['weights']['kind']})",
-        f"layer      {store.layer}  pool={m['pool']}  l2={m['l2']}",
+        f"layer      {store.layer}  pool={m['pool']}"
+        + (f" (p={m['gem_p']})" if m.get("gem_p") else "")
+        + (f"  scales={','.join(map(str, m['scales']))}" if len(m.get("scales", [1])) > 1
+           else "")
+        + (f"  whitened to {m['whiten']['dim']} dims" if m.get("whiten") else "")
+        + f"  l2={m['l2']}",
         f"features   {len(store):,} x {tuple(store.feature_shape)} {store.dtype}",
         f"errors     {len(store.errors):,}",
         f"shards     {len(store.shards)} committed of "
@@ -203,6 +245,14 @@ def describe(store) -> str:
         for reason, count in groups.most_common():
             lines.append(f"  {count:>8,}  {reason}  (e.g. {example[reason]})")
     return "\n".join(lines)
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"write scales as numbers separated by commas, "
+                                         f"e.g. 1,0.707,0.5 (got {text!r})") from None
 
 
 def _ranges(indices: list[int]) -> str:

@@ -11,7 +11,7 @@ from imgfeat.errors import UsageError
 DEFAULT_MODEL = "timm:resnet50"
 DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own bomb threshold: a 2 GB RGBA image
-POOLS = ("avg", "max", "none")
+POOLS = ("avg", "max", "gem", "spoc", "mac", "rmac", "none")
 DTYPES = ("float16", "float32")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESIZE_MODES = ("crop", "squash", "pad")
@@ -34,6 +34,9 @@ class ExtractOptions:
     layer: str | None = None
     pool: str = "avg"
     l2: bool = False
+    gem_p: float = 3.0
+    scales: tuple[float, ...] = (1.0,)
+    whiten: str | None = None
     image_size: int | None = None
     crop_pct: float | None = None
     resize_mode: str | None = None
@@ -74,5 +77,11 @@ class ExtractOptions:
         if self.engine == "ray" and (self.num_nodes or 1) > 1:
             raise UsageError("--num-nodes is for running without a cluster engine; "
                              "with --engine ray, Ray spreads the work over the cluster")
+        if self.gem_p <= 0:
+            raise UsageError(f"--gem-p must be positive, got {self.gem_p}")
+        if not self.scales or any(not 0 < s <= 4 for s in self.scales):
+            raise UsageError(f"--scales must be factors in (0, 4], got {self.scales}")
+        if len(self.scales) > 1 and self.pool == "none":
+            raise UsageError("--scales combines vectors: choose a --pool other than none")
         if self.overwrite and self.incremental:
             raise UsageError("--overwrite and --incremental contradict each other")

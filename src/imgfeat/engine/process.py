@@ -45,8 +45,14 @@ def build_extractor(opts, device: str):
         interpolation=opts.interpolation,
         mean=tuple(opts.mean) if opts.mean else None, std=tuple(opts.std) if opts.std else None,
         jpeg_draft=opts.jpeg_draft)
+    whitening = None
+    if opts.whiten:
+        from imgfeat.whitening import load
+
+        whitening = load(opts.whiten)
     return Extractor(model, layer, preprocess, device=device_, precision=precision,
-                     pool=opts.pool, l2=opts.l2, dtype=opts.dtype)
+                     pool=opts.pool, l2=opts.l2, dtype=opts.dtype, gem_p=opts.gem_p,
+                     scales=tuple(opts.scales), whitening=whitening)
 
 
 class ShardRunner:

@@ -1,0 +1,87 @@
+"""PCA whitening learned from a store: x -> P (x - m), with P = diag(s^-1/2) U^T over the top
+`dim` eigenpairs (s, U) of the covariance of the learning features. Whitened learning features
+have identity covariance on the kept dimensions.
+
+A whitening file (.npz) holds the mean, the projection, and whether the features it was
+learned from were L2-normalised (so the same normalisation is applied before projecting).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imgfeat.errors import UsageError
+
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Whitening:
+    mean: np.ndarray        # (C,)
+    projection: np.ndarray  # (D, C)
+    input_l2: bool
+
+    @property
+    def dim(self) -> int:
+        return self.projection.shape[0]
+
+    def apply(self, features: np.ndarray, l2: bool = False) -> np.ndarray:
+        """Whiten (N, C) float features; with `l2`, L2-normalise the result."""
+        features = np.asarray(features, dtype=np.float64)
+        if self.input_l2:
+            features = _unit(features)
+        whitened = (features - self.mean) @ self.projection.T
+        return _unit(whitened) if l2 else whitened
+
+    def save(self, path: str | Path) -> None:
+        with open(path, "wb") as handle:
+            np.savez(handle, mean=self.mean, projection=self.projection,
+                     input_l2=np.asarray(self.input_l2))
+
+    def digest(self) -> str:
+        sha = hashlib.sha256()
+        for array in (self.mean, self.projection, np.asarray(self.input_l2)):
+            sha.update(np.ascontiguousarray(array).tobytes())
+        return sha.hexdigest()
+
+    def describe(self) -> dict:
+        return {"dim": self.dim, "sha256": self.digest(), "input_l2": self.input_l2}
+
+
+def learn(features: np.ndarray, dim: int, input_l2: bool = False) -> Whitening:
+    """PCA whitening of `features` (N, C), keeping the `dim` strongest directions."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2:
+        raise UsageError("whitening needs vector features; this store holds feature maps "
+                         "(extract with --pool)")
+    count, width = features.shape
+    if not 1 <= dim <= min(width, count - 1):
+        raise UsageError(f"--dim must be between 1 and {min(width, count - 1)} for "
+                         f"{count} features of {width} dimensions, got {dim}")
+    if input_l2:
+        features = _unit(features)
+    mean = features.mean(axis=0)
+    centred = features - mean
+    values, vectors = np.linalg.eigh(centred.T @ centred / (count - 1))
+    order = np.argsort(values)[::-1][:dim]
+    values, vectors = values[order], vectors[:, order]
+    if values[-1] <= EPS * max(values[0], EPS):
+        raise UsageError(f"the features span fewer than {dim} dimensions; use a smaller --dim "
+                         "or more images")
+    return Whitening(mean, (vectors / np.sqrt(values)).T, input_l2)
+
+
+def load(path: str | Path) -> Whitening:
+    try:
+        with np.load(path) as data:
+            return Whitening(data["mean"], data["projection"], bool(data["input_l2"]))
+    except (OSError, KeyError, ValueError) as exc:
+        raise UsageError(f"cannot read whitening file {path}: {exc}") from None
+
+
+def _unit(features: np.ndarray) -> np.ndarray:
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), EPS)
