@@ -87,13 +87,14 @@ def test_multiscale_is_the_generalized_mean_of_unit_vectors():
                                                image_size=64, pool="gem", layer="layer4",
                                                scales=(1.0, 0.5)), "cpu")
     batch = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
-    combined = extractor(batch)
+    combined = extractor(batch)["layer4"]
     pixels = extractor._to_input(batch)
     extractor.scales = (1.0,)
     with torch.inference_mode():
-        full = apply_head(extractor._tap(pixels), "gem", True)
+        full = apply_head(extractor._tap(pixels)["layer4"], "gem", True)
         half = apply_head(extractor._tap(torch.nn.functional.interpolate(
-            pixels, scale_factor=0.5, mode="bilinear", align_corners=False)), "gem", True)
+            pixels, scale_factor=0.5, mode="bilinear", align_corners=False))["layer4"], "gem",
+            True)
     p = 3.0
     expected = torch.nn.functional.normalize(((full ** p + half ** p) / 2) ** (1 / p)).numpy()
     np.testing.assert_allclose(combined.astype(np.float32), expected, atol=2e-3)

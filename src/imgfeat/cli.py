@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     whiten.add_argument("--dim", type=int, required=True, help="dimensions to keep")
     whiten.add_argument("-o", "--dest", help="whitened store (default: OUT-whitened-DIM)")
     whiten.add_argument("--l2", action="store_true", help="L2-normalise whitened features")
+    whiten.add_argument("--layer", help="the layer to whiten, in a store of several")
     whiten.add_argument("--overwrite", action="store_true")
     whiten.set_defaults(handler=run_whiten)
     verify = commands.add_parser("verify", help="check every shard against the manifest and plan")
@@ -83,7 +84,9 @@ def _add_extract(commands) -> None:
                    f"(default {DEFAULT_MODEL})")
     m.add_argument("--weights", default="pretrained",
                    help="pretrained (download), random (no network), or PATH to a state dict")
-    m.add_argument("--layer", help="module name to tap (default: pooled pre-logits embedding)")
+    m.add_argument("--layer", action="append",
+                   help="module name to tap (default: pooled pre-logits embedding); repeat "
+                   "for several layers in one pass, stored as /features/<layer>")
     m.add_argument("--pool", default="avg", choices=POOLS, help="pooling of spatial maps")
     m.add_argument("--gem-p", type=float, default=3.0, help="power of --pool gem (default 3)")
     m.add_argument("--scales", type=_scales, default=(1.0,), metavar="S,S,...",
@@ -143,6 +146,7 @@ def _add_export(commands) -> None:
                    help="default: float32 for npy and parquet, the store's own for h5")
     p.add_argument("--compression", default="none", choices=("none", "gzip", "lzf"),
                    help="h5 only")
+    p.add_argument("--layer", help="the layer to export, in a store of several")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=run_export)
@@ -155,7 +159,7 @@ def run_export(args: argparse.Namespace) -> int:
     with Store(args.out) as store:
         export(store, args.to, args.dest, rows_per_file=args.rows_per_file, dtype=args.dtype,
                compression=args.compression, overwrite=args.overwrite,
-               progress="none" if args.quiet else "auto")
+               progress="none" if args.quiet else "auto", layer=args.layer)
     return 0
 
 
@@ -170,10 +174,11 @@ def run_whiten(args: argparse.Namespace) -> int:
     with Store(args.out) as store:
         if store.manifest.get("whiten"):
             raise UsageError(f"{args.out} is whitened already")
-        whitening = learn(np.asarray(store.features()), args.dim, store.manifest["l2"])
+        layer = store._layer(args.layer)
+        whitening = learn(np.asarray(store.features(layer)), args.dim, store.manifest["l2"])
         whitened = derive_store(
-            store, dest, lambda features: whitening.apply(features, l2=args.l2),
-            {"whiten": whitening.describe(), "l2": args.l2, "feature_shape": [args.dim]},
+            store, layer, dest, lambda features: whitening.apply(features, l2=args.l2),
+            {"whiten": whitening.describe(), "l2": args.l2, "layers": {layer: [args.dim]}},
             overwrite=args.overwrite)
     whitening.save(whitened.layout.root / "whitening.npz")
     print(f"whitening of {len(whitened):,} features to {args.dim} dimensions -> "
@@ -222,13 +227,15 @@ def describe(store) -> str:
     lines = [
         f"store      {store.layout.root}",
         f"model      {store.model} (weights: {m['weights'].get('path') or m['weights']['kind']})",
-        f"layer      {store.layer}  pool={m['pool']}"
+        f"layers     {', '.join(store.layers)}  pool={m['pool']}"
         + (f" (p={m['gem_p']})" if m.get("gem_p") else "")
         + (f"  scales={','.join(map(str, m['scales']))}" if len(m.get("scales", [1])) > 1
            else "")
         + (f"  whitened to {m['whiten']['dim']} dims" if m.get("whiten") else "")
         + f"  l2={m['l2']}",
-        f"features   {len(store):,} x {tuple(store.feature_shape)} {store.dtype}",
+        *[f"features   {len(store):,} x {shape} {store.dtype}"
+          + (f"  ({layer})" if len(store.layers) > 1 else "")
+          for layer, shape in store.feature_shapes.items()],
         f"errors     {len(store.errors):,}",
         f"shards     {len(store.shards)} committed of "
         f"{planned if planned is not None else '? (plan not finished)'}",

@@ -18,15 +18,18 @@ from imgfeat.whitening import Whitening
 
 
 class Extractor:
-    """One model on one device with its layer tap and head; owns no images or files."""
+    """One model on one device with its layer taps and their heads; owns no images or files.
+    Features come out as {layer: array}, one entry per tapped layer."""
 
-    def __init__(self, model: LoadedModel, layer: str, preprocess: Preprocess, *,
+    def __init__(self, model: LoadedModel, layers: list[str], preprocess: Preprocess, *,
                  device: torch.device, precision: str, pool: str, l2: bool, dtype: str,
                  gem_p: float = 3.0, scales: tuple[float, ...] = (1.0,),
                  whitening: Whitening | None = None):
+        if whitening is not None and len(layers) > 1:
+            raise UsageError("--whiten applies to one layer; extract other layers apart")
         self.device = device
         self.gem_p, self.scales, self.whitening = gem_p, tuple(scales), whitening
-        self.spec, self.weights, self.layer = model.spec, model.weights, layer
+        self.spec, self.weights, self.layers = model.spec, model.weights, list(layers)
         self.precision = precision
         self.pool, self.l2 = pool, l2
         self.dtype = np.dtype(dtype)
@@ -34,15 +37,15 @@ class Extractor:
         self.module = model.module.to(device).eval()
         self.module.to(memory_format=torch.channels_last)
         self._scale, self._shift = preprocess.normalizer(device)
-        self._tap = Tap(model, layer)
-        self.feature_shape = self._probe()
+        self._tap = Tap(model, self.layers)
+        self.feature_shapes = self._probe()
 
     def identity(self) -> dict:
         """What decides the meaning of the features this extractor makes."""
         return {
             "model": {"spec": self.spec},
             "weights": self.weights,
-            "layer": self.layer,
+            "layers": {layer: list(shape) for layer, shape in self.feature_shapes.items()},
             "pool": self.pool,
             "gem_p": self.gem_p if self.pool == "gem" else None,
             "scales": list(self.scales),
@@ -51,46 +54,54 @@ class Extractor:
             "preprocess": self.preprocess.to_dict(),
             "precision": self.precision,
             "dtype": self.dtype.name,
-            "feature_shape": list(self.feature_shape),
         }
 
-    def _probe(self) -> tuple[int, ...]:
-        """One pass on a blank image: counts tapped calls and gives the stored shape."""
+    def _probe(self) -> dict[str, tuple[int, ...]]:
+        """One pass on a blank image: counts tapped calls and gives the stored shapes."""
         blank = torch.zeros((1, *self.preprocess.size, 3), dtype=torch.uint8)
         with self._context():
             self._tap.probe(self._to_input(blank))
             features = self._features(self._to_input(blank))
+        shapes = {layer: tuple(tensor.shape[1:]) for layer, tensor in features.items()}
         if self.whitening is not None:
-            if features.ndim != 2 or features.shape[1] != self.whitening.mean.shape[0]:
+            (layer, shape), = shapes.items()
+            if shape != self.whitening.mean.shape:
                 raise UsageError(
                     f"the whitening expects {self.whitening.mean.shape[0]}-d vectors; this "
-                    f"model, layer and pool give {tuple(features.shape[1:])}")
-            return (self.whitening.dim,)
-        return tuple(features.shape[1:])
+                    f"model, layer and pool give {shape}")
+            shapes[layer] = (self.whitening.dim,)
+        return shapes
 
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+    def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
         """`batch`: uint8 (N, H, W, 3), on the host (pinned for a GPU) or the device."""
         with self._context():
-            features = self._features(self._to_input(batch)).to("cpu").numpy()
+            tensors = self._features(self._to_input(batch))
+            features = {layer: tensor.to("cpu").numpy() for layer, tensor in tensors.items()}
         if self.whitening is not None:
-            features = self.whitening.apply(features, l2=self.l2)
-        return features.astype(self.dtype, copy=False)
+            features = {layer: self.whitening.apply(array, l2=self.l2)
+                        for layer, array in features.items()}
+        return {layer: array.astype(self.dtype, copy=False) for layer, array in features.items()}
 
-    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The head's output; with several scales, their generalized mean (power p for
-        GeM, else 1) of L2-normalised vectors, L2-normalised again."""
+    def _features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each layer's head output; with several scales, their generalized mean (power p
+        for GeM, else 1) of L2-normalised vectors, L2-normalised again."""
         l2 = self.l2 and self.whitening is None  # with whitening, L2 comes after it
         if self.scales == (1.0,):
-            return apply_head(self._tap(pixels), self.pool, l2, self.gem_p)
+            return {layer: apply_head(tensor, self.pool, l2, self.gem_p)
+                    for layer, tensor in self._tap(pixels).items()}
         power = self.gem_p if self.pool == "gem" else 1.0
-        total = None
+        totals: dict[str, torch.Tensor] = {}
         for scale in self.scales:
             scaled = pixels if scale == 1 else F.interpolate(
                 pixels, scale_factor=scale, mode="bilinear", align_corners=False)
-            vectors = apply_head(self._tap(scaled), self.pool, True, self.gem_p).pow(power)
-            total = vectors if total is None else total + vectors
-        mean = (total / len(self.scales)).pow(1.0 / power)
-        return F.normalize(mean, dim=1) if self.whitening is None else mean
+            for layer, tensor in self._tap(scaled).items():
+                vectors = apply_head(tensor, self.pool, True, self.gem_p).pow(power)
+                totals[layer] = vectors + totals[layer] if layer in totals else vectors
+        means = {layer: (total / len(self.scales)).pow(1.0 / power)
+                 for layer, total in totals.items()}
+        if self.whitening is not None:
+            return means
+        return {layer: F.normalize(mean, dim=1) for layer, mean in means.items()}
 
     def _to_input(self, batch: torch.Tensor) -> torch.Tensor:
         # NHWC bytes permuted to NCHW are already channels_last in memory: no copy needed.

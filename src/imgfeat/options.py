@@ -31,7 +31,7 @@ class ExtractOptions:
 
     model: str = DEFAULT_MODEL
     weights: str = "pretrained"
-    layer: str | None = None
+    layer: str | list[str] | None = None  # one name, or several
     pool: str = "avg"
     l2: bool = False
     gem_p: float = 3.0
@@ -59,6 +59,12 @@ class ExtractOptions:
     ray_address: str = "auto"
     progress: str = "auto"  # auto | bar | lines | none
     profile: bool = False
+
+    @property
+    def layers(self) -> list[str] | None:
+        if self.layer is None:
+            return None
+        return [self.layer] if isinstance(self.layer, str) else list(self.layer)
 
     def check(self) -> None:
         check_choice(self.pool, POOLS, "pooling")

@@ -210,8 +210,7 @@ def _finish(layout: Layout, manifest: dict, node: Node, reporter: Reporter,
     planned = len(manifest["plan"]["shards"])
     complete = len(committed) >= planned and not outcome.failed
     if complete:
-        build_virtual_file(layout, committed, tuple(manifest["feature_shape"]),
-                           manifest["dtype"])
+        build_virtual_file(layout, committed, manifest["layers"], manifest["dtype"])
     done = reporter.rows + reporter.errors
     elapsed = reporter.elapsed()
     before = f", {reporter.already_done:,} done before" if reporter.already_done else ""

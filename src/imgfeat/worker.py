@@ -51,7 +51,7 @@ class Worker:
         """Extract one shard and commit its file. With `current` (a shared integer), images
         are decoded one at a time and `current` names the one being decoded, so that if a
         decoder kills the process the engine knows which image did it."""
-        writer = ShardWriter(self.layout, index, self.extractor.feature_shape,
+        writer = ShardWriter(self.layout, index, self.extractor.feature_shapes,
                              self.extractor.dtype.name, capacity=max(1, len(items)))
         try:
             self._fill(writer, items, progress, current)
@@ -107,7 +107,7 @@ class Worker:
                 writer.add_rows(keys, features)
         progress(len(keys), errors)
 
-    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+    def _forward(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
         """On device out-of-memory, halve the batch (for this and later batches)."""
         try:
             return self.extractor(batch)
@@ -122,4 +122,5 @@ class Worker:
                 step = self.batch_size
                 parts.append(self._forward(batch[start:start + step]))
                 start += step
-            return np.concatenate(parts)
+            return {layer: np.concatenate([part[layer] for part in parts])
+                    for layer in parts[0]}

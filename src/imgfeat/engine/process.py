@@ -33,12 +33,12 @@ def build_extractor(opts, device: str):
     """The model on `device`, checked: unknown models, layers or weights raise UsageError."""
     from imgfeat.extractor import Extractor
     from imgfeat.models import load_model
-    from imgfeat.models.layers import resolve_layer
+    from imgfeat.models.layers import resolve_layers
 
     device_ = resolve_device(device)
     precision = resolve_precision(opts.precision, device_)
     model = load_model(opts.model, opts.weights)
-    layer = resolve_layer(model, opts.layer)
+    layers = resolve_layers(model, opts.layers)
     size = (opts.image_size, opts.image_size) if opts.image_size else None
     preprocess = model.preprocess.with_overrides(
         size=size, crop_pct=opts.crop_pct, mode=opts.resize_mode,
@@ -50,7 +50,7 @@ def build_extractor(opts, device: str):
         from imgfeat.whitening import load
 
         whitening = load(opts.whiten)
-    return Extractor(model, layer, preprocess, device=device_, precision=precision,
+    return Extractor(model, layers, preprocess, device=device_, precision=precision,
                      pool=opts.pool, l2=opts.l2, dtype=opts.dtype, gem_p=opts.gem_p,
                      scales=tuple(opts.scales), whitening=whitening)
 

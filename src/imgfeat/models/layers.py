@@ -25,6 +25,14 @@ class LayerInfo:
     shape: tuple[int, ...] | None  # output shape for one image; None if not a tensor
 
 
+def resolve_layers(model: LoadedModel, layers: list[str] | None) -> list[str]:
+    """Canonical, distinct names of the layers to tap (none given: the pre-logits embedding)."""
+    resolved = [resolve_layer(model, layer) for layer in (layers or [None])]
+    if len(set(resolved)) != len(resolved):
+        raise UsageError(f"a layer is named twice in {resolved}")
+    return resolved
+
+
 def resolve_layer(model: LoadedModel, layer: str | None) -> str:
     """The canonical name of `layer` (None: the pre-logits embedding), or a one-line error."""
     if layer in (None, PRE_LOGITS):
@@ -43,58 +51,56 @@ def resolve_layer(model: LoadedModel, layer: str | None) -> str:
 
 
 class Tap:
-    """Runs the model up to one layer and returns that layer's tensor.
+    """Runs the model up to the last of its layers and returns each layer's tensor.
 
     A module called several times in one pass (a shared activation) is tapped at its last
-    call, which `calls` (counted by a probe pass) says.
+    call, which a probe pass counts.
     """
 
-    def __init__(self, model: LoadedModel, layer: str):
+    def __init__(self, model: LoadedModel, layers: list[str]):
         self.module = model.module
-        self.layer = layer
-        self._target = model.classifier if layer == PRE_LOGITS else layer
-        self._calls = 1
-        self._seen = 0
-        self._tensor: torch.Tensor | None = None
-        target = self.module.get_submodule(self._target)
-        if layer == PRE_LOGITS:
-            target.register_forward_pre_hook(self._on_input)
-        else:
-            target.register_forward_hook(self._on_output)
+        self.layers = list(layers)
+        self._calls = dict.fromkeys(self.layers, 1)
+        self._seen = dict.fromkeys(self.layers, 0)
+        self._tensors: dict[str, torch.Tensor] = {}
+        for layer in self.layers:
+            target = self.module.get_submodule(model.classifier if layer == PRE_LOGITS
+                                               else layer)
+            if layer == PRE_LOGITS:
+                target.register_forward_pre_hook(
+                    lambda _m, args, layer=layer: self._record(layer, args[0] if args else None))
+            else:
+                target.register_forward_hook(
+                    lambda _m, _a, output, layer=layer: self._record(layer, output))
 
-    def probe(self, batch: torch.Tensor) -> torch.Tensor:
-        """A first pass that counts the calls of the target module; returns its tensor."""
-        self._calls = 10**9
+    def probe(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A first pass that counts the calls of each tapped module; returns the tensors."""
+        self._calls = dict.fromkeys(self.layers, 10**9)
         try:
             self._run(batch)
         finally:
-            self._calls = max(1, self._seen)
+            self._calls = {layer: max(1, seen) for layer, seen in self._seen.items()}
         return self(batch)
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         self._run(batch)
-        if self._tensor is None:
-            raise RuntimeError(f"layer {self.layer} was not reached by the forward pass")
-        tensor, self._tensor = self._tensor, None
-        return tensor
+        if missing := [layer for layer in self.layers if layer not in self._tensors]:
+            raise RuntimeError(f"layer {missing[0]} was not reached by the forward pass")
+        tensors, self._tensors = self._tensors, {}
+        return {layer: tensors[layer] for layer in self.layers}
 
     def _run(self, batch: torch.Tensor) -> None:
-        self._seen, self._tensor = 0, None
+        self._seen = dict.fromkeys(self.layers, 0)
+        self._tensors = {}
         try:
             self.module(batch)
         except _Reached:
             pass
 
-    def _on_input(self, _module, args) -> None:
-        self._record(args[0] if args else None)
-
-    def _on_output(self, _module, _args, output) -> None:
-        self._record(output)
-
-    def _record(self, value) -> None:
-        self._seen += 1
-        self._tensor = _first_tensor(value, self.layer)
-        if self._seen >= self._calls:
+    def _record(self, layer: str, value) -> None:
+        self._seen[layer] += 1
+        self._tensors[layer] = _first_tensor(value, layer)
+        if all(self._seen[name] >= self._calls[name] for name in self.layers):
             raise _Reached
 
 

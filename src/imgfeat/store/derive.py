@@ -18,10 +18,11 @@ from imgfeat.store.virtual import build_virtual_file
 from imgfeat.store.writer import ShardWriter
 
 
-def derive_store(store: Store, dest: str | Path, transform: Callable[[np.ndarray], np.ndarray],
-                 changes: dict, overwrite: bool = False) -> Store:
-    """Write `dest` with every committed shard's features passed through `transform`;
-    `changes` are the manifest fields that differ (feature_shape among them)."""
+def derive_store(store: Store, layer: str, dest: str | Path,
+                 transform: Callable[[np.ndarray], np.ndarray], changes: dict,
+                 overwrite: bool = False) -> Store:
+    """Write `dest` with the features of `layer` in every committed shard passed through
+    `transform`; `changes` are the manifest fields that differ ("layers" among them)."""
     target = Layout(Path(dest).resolve())
     if target.root.resolve() == store.layout.root.resolve():
         raise UsageError("the derived store must go to another folder than its source")
@@ -36,19 +37,21 @@ def derive_store(store: Store, dest: str | Path, transform: Callable[[np.ndarray
     write_manifest(target, manifest)
     shutil.copytree(store.layout.plan_dir, target.plan_dir,
                     ignore=shutil.ignore_patterns("*.position", ".*"))
-    shape = tuple(manifest["feature_shape"])
+    shapes = {name: tuple(shape) for name, shape in manifest["layers"].items()}
     for index in store.shards:
         source = store._shard(index)
         keys = source["keys"].asstr()[:].tolist()
-        writer = ShardWriter(target, index, shape, manifest["dtype"], max(1, len(keys)))
+        writer = ShardWriter(target, index, shapes, manifest["dtype"], max(1, len(keys)))
         try:
             if keys:
-                writer.add_rows(keys, transform(source["features"][:]).astype(manifest["dtype"]))
+                features = transform(store._dataset(index, layer)[:])
+                writer.add_rows(keys, {name: features.astype(manifest["dtype"])
+                                       for name in shapes})
             for key, reason in zip(source["errors/keys"].asstr()[:],
                                    source["errors/reasons"].asstr()[:]):
                 writer.add_error(key, reason)
             writer.commit()
         finally:
             writer.discard()
-    build_virtual_file(target, sorted(target.committed()), shape, manifest["dtype"])
+    build_virtual_file(target, sorted(target.committed()), shapes, manifest["dtype"])
     return Store(target.root)

@@ -31,8 +31,10 @@ READ_BATCH = 65_536
 
 def export(store: Store, to: str, dest: str | Path, *, rows_per_file: int = DEFAULT_ROWS_PER_FILE,
            dtype: str | None = None, compression: str = "none", overwrite: bool = False,
-           progress: str = "auto") -> Path:
-    """Write `store` as `to` (npy, parquet or h5) at `dest`; returns the final path."""
+           progress: str = "auto", layer: str | None = None) -> Path:
+    """Write one layer of `store` (the only one unless named) as `to` (npy, parquet or h5)
+    at `dest`; returns the final path."""
+    layer = store._layer(layer)
     if to not in FORMATS:
         raise UsageError(f"unknown export format {to!r}; choose {', '.join(FORMATS)}")
     if compression not in COMPRESSIONS:
@@ -49,8 +51,9 @@ def export(store: Store, to: str, dest: str | Path, *, rows_per_file: int = DEFA
     reporter.start(total=len(store))
     try:
         writer = {"npy": _npy, "parquet": _parquet, "h5": _h5}[to]
-        writer(store, dest, rows_per_file=rows_per_file, dtype=dtype, compression=compression,
-               advance=lambda n: reporter.advance(n, 0), overwrite=overwrite)
+        writer(store, dest, layer=layer, rows_per_file=rows_per_file, dtype=dtype,
+               compression=compression, advance=lambda n: reporter.advance(n, 0),
+               overwrite=overwrite)
     finally:
         reporter.stop()
     reporter.summary(f"exported {len(store):,} rows as {to} -> {dest}")
@@ -60,10 +63,10 @@ def export(store: Store, to: str, dest: str | Path, *, rows_per_file: int = DEFA
 class _Rows:
     """The store's rows as flat 2-D batches, taken a file's worth at a time."""
 
-    def __init__(self, store: Store, dtype: str | None):
+    def __init__(self, store: Store, layer: str, dtype: str | None):
         self._batches = (
             (keys, feats.reshape(len(feats), -1).astype(dtype or feats.dtype, copy=False))
-            for keys, feats in store.iter_batches(READ_BATCH))
+            for keys, feats in store.iter_batches(READ_BATCH, layer))
         self._carry: tuple[list[str], np.ndarray] | None = None
 
     def take(self, count: int) -> Iterator[tuple[list[str], np.ndarray]]:
@@ -107,20 +110,21 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _npy(store: Store, dest: Path, *, rows_per_file, dtype, advance, overwrite, **_) -> None:
+def _npy(store: Store, dest: Path, *, layer, rows_per_file, dtype, advance, overwrite,
+         **_) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     sizes = _file_sizes(len(store), rows_per_file)
     digits = len(str(len(sizes) - 1))
     dtype = np.dtype(dtype or "float32")
-    width = int(np.prod(store.feature_shape))
+    width = int(np.prod(store.feature_shapes[layer]))
     schema = pa.schema([("image_path", pa.string())])
 
     def fill(folder: Path) -> None:
         (folder / "img_emb").mkdir()
         (folder / "metadata").mkdir()
-        rows = _Rows(store, dtype.name)
+        rows = _Rows(store, layer, dtype.name)
         for number, size in enumerate(sizes):
             name = str(number).zfill(digits)
             array = np.lib.format.open_memmap(folder / "img_emb" / f"img_emb_{name}.npy",
@@ -139,20 +143,22 @@ def _npy(store: Store, dest: Path, *, rows_per_file, dtype, advance, overwrite, 
     _in_temp_folder(dest, overwrite, fill)
 
 
-def _parquet(store: Store, dest: Path, *, rows_per_file, dtype, advance, overwrite,
+def _parquet(store: Store, dest: Path, *, layer, rows_per_file, dtype, advance, overwrite,
              **_) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    width = int(np.prod(store.feature_shape))
+    shape = store.feature_shapes[layer]
+    width = int(np.prod(shape))
     out_dtype = np.dtype(dtype or "float32")
     value_type = pa.from_numpy_dtype(out_dtype)
     schema = pa.schema([("key", pa.string()), ("embedding", pa.list_(value_type, width))],
-                       metadata={b"imgfeat.feature_shape": str(list(store.feature_shape)).encode(),
+                       metadata={b"imgfeat.feature_shape": str(list(shape)).encode(),
+                                 b"imgfeat.layer": layer.encode(),
                                  b"imgfeat.model": store.model.encode()})
 
     def fill(folder: Path) -> None:
-        rows = _Rows(store, out_dtype.name)
+        rows = _Rows(store, layer, out_dtype.name)
         for number, size in enumerate(_file_sizes(len(store), rows_per_file)):
             with pq.ParquetWriter(folder / f"part-{number:05d}.parquet", schema) as writer:
                 for keys, feats in rows.take(size):
@@ -165,10 +171,11 @@ def _parquet(store: Store, dest: Path, *, rows_per_file, dtype, advance, overwri
     _in_temp_folder(dest, overwrite, fill)
 
 
-def _h5(store: Store, dest: Path, *, dtype, compression, advance, overwrite, **_) -> None:
+def _h5(store: Store, dest: Path, *, layer, dtype, compression, advance, overwrite,
+        **_) -> None:
     dtype = np.dtype(dtype or store.dtype)
     options = {} if compression == "none" else {"compression": compression}
-    shape = store.feature_shape
+    shape = store.feature_shapes[layer]
     row_bytes = max(1, int(np.prod(shape)) * dtype.itemsize)
     chunk_rows = max(1, min(len(store), (1 << 20) // row_bytes))
     temp = temp_path(dest)
@@ -179,7 +186,7 @@ def _h5(store: Store, dest: Path, *, dtype, compression, advance, overwrite, **_
             keys = out.create_dataset("keys", shape=(len(store),), dtype=STRING,
                                       chunks=(min(len(store), 65_536),), **options)
             start = 0
-            for batch_keys, feats in store.iter_batches(READ_BATCH):
+            for batch_keys, feats in store.iter_batches(READ_BATCH, layer):
                 features[start:start + len(feats)] = feats
                 keys[start:start + len(feats)] = batch_keys
                 start += len(feats)
@@ -188,7 +195,7 @@ def _h5(store: Store, dest: Path, *, dtype, compression, advance, overwrite, **_
             errors.create_dataset("keys", data=[k for k, _ in store.errors], dtype=STRING)
             errors.create_dataset("reasons", data=[r for _, r in store.errors], dtype=STRING)
             out.attrs["model"] = store.model
-            out.attrs["layer"] = store.layer
+            out.attrs["layer"] = layer
         if dest.exists() and overwrite:
             _remove(dest)
         commit(temp, dest)

@@ -45,6 +45,16 @@ class Layout:
         return [self.manifest, self.plan_dir, self.shards_dir, self.features]
 
 
+def feature_datasets(layers) -> dict[str, str]:
+    """Where each layer's features live in a shard: /features for a single layer, else
+    /features/<layer> ('/' in a layer name, as Caffe allows, is written %2F)."""
+    layers = list(layers)
+    if len(layers) == 1:
+        return {layers[0]: "features"}
+    return {layer: "features/" + layer.replace("%", "%25").replace("/", "%2F")
+            for layer in layers}
+
+
 def temp_path(final: Path) -> Path:
     """A unique temporary name beside `final`, so the rename that commits it is atomic. It
     names the host and process, so leftovers of a killed process can be told apart."""

@@ -11,8 +11,8 @@ from imgfeat.store.layout import Layout, write_atomic
 
 FORMAT = 1
 # The settings that decide what a feature means; a run that differs in any is refused.
-IDENTITY_FIELDS = ("sources", "model", "weights", "layer", "pool", "gem_p", "scales", "whiten",
-                   "l2", "preprocess", "precision", "dtype", "feature_shape", "shard_size")
+IDENTITY_FIELDS = ("sources", "model", "weights", "layers", "pool", "gem_p", "scales", "whiten",
+                   "l2", "preprocess", "precision", "dtype", "shard_size")
 
 
 def software_versions() -> dict:

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from imgfeat.errors import UsageError
-from imgfeat.store.layout import Layout
+from imgfeat.store.layout import Layout, feature_datasets
 from imgfeat.store.manifest import read_manifest
 
 
@@ -29,19 +29,41 @@ class Store:
 
     def __repr__(self) -> str:
         return (f"Store({str(self.layout.root)!r}, rows={len(self)}, errors={len(self.errors)}, "
-                f"model={self.model!r}, layer={self.layer!r})")
+                f"model={self.model!r}, layers={self.layers!r})")
 
     @property
     def model(self) -> str:
         return self.manifest["model"]["spec"]
 
     @property
+    def layers(self) -> list[str]:
+        return list(self.manifest["layers"])
+
+    @property
     def layer(self) -> str:
-        return self.manifest["layer"]
+        """The layer of a single-layer store."""
+        return self._layer(None)
+
+    @property
+    def feature_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {layer: tuple(shape) for layer, shape in self.manifest["layers"].items()}
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
-        return tuple(self.manifest["feature_shape"])
+        """The feature shape of a single-layer store."""
+        return self.feature_shapes[self._layer(None)]
+
+    def _layer(self, layer: str | None) -> str:
+        if layer is None and len(self.layers) == 1:
+            return self.layers[0]
+        if layer in self.layers:
+            return layer
+        raise UsageError(f"this store holds layers {', '.join(self.layers)}; name one"
+                         if layer is None else
+                         f"no layer {layer!r} in this store (it holds {', '.join(self.layers)})")
+
+    def _dataset(self, index: int, layer: str) -> h5py.Dataset:
+        return self._shard(index)[feature_datasets(self.layers)[layer]]
 
     @property
     def dtype(self) -> np.dtype:
@@ -73,7 +95,7 @@ class Store:
 
     @cached_property
     def _offsets(self) -> np.ndarray:
-        counts = [self._shard(i)["features"].shape[0] for i in self.shards]
+        counts = [self._shard(i)["keys"].shape[0] for i in self.shards]
         return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
 
     def __len__(self) -> int:
@@ -91,14 +113,16 @@ class Store:
             found.extend(zip(group["keys"].asstr()[:], group["reasons"].asstr()[:]))
         return found
 
-    def iter_batches(self, batch_size: int = 65_536) -> Iterator[tuple[list[str], np.ndarray]]:
+    def iter_batches(self, batch_size: int = 65_536, layer: str | None = None
+                     ) -> Iterator[tuple[list[str], np.ndarray]]:
         """(keys, features) of `batch_size` rows at a time (the last may be shorter), in plan
         order; memory is bounded by the batch, whatever the size of the store."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        layer = self._layer(layer)
         keys: list[str] = []
         parts: list[np.ndarray] = []
-        for piece_keys, piece in self._pieces(batch_size):
+        for piece_keys, piece in self._pieces(batch_size, layer):
             keys.extend(piece_keys)
             parts.append(piece)
             while len(keys) >= batch_size:
@@ -108,18 +132,17 @@ class Store:
         if keys:
             yield keys, np.concatenate(parts)
 
-    def _pieces(self, size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    def _pieces(self, size: int, layer: str) -> Iterator[tuple[list[str], np.ndarray]]:
         for index in self.shards:
-            shard = self._shard(index)
-            rows = shard["features"].shape[0]
-            for start in range(0, rows, size):
-                end = min(rows, start + size)
-                yield (shard["keys"].asstr()[start:end].tolist(),
-                       shard["features"][start:end])
+            keys, features = self._shard(index)["keys"], self._dataset(index, layer)
+            for start in range(0, keys.shape[0], size):
+                end = min(keys.shape[0], start + size)
+                yield keys.asstr()[start:end].tolist(), features[start:end]
 
-    def features(self) -> Features:
-        """All features as a lazy array-like `[n, ...]`: slicing reads only what it needs."""
-        return Features(self)
+    def features(self, layer: str | None = None) -> Features:
+        """All features of `layer` (needed when the store holds several) as a lazy
+        array-like `[n, ...]`: slicing reads only what it needs."""
+        return Features(self, self._layer(layer))
 
     @cached_property
     def _positions(self) -> dict[str, int]:
@@ -134,8 +157,12 @@ class Store:
     def __contains__(self, key: object) -> bool:
         return key in self._positions
 
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self.features()[self.index(key)]
+    def __getitem__(self, key: str) -> np.ndarray | dict[str, np.ndarray]:
+        """One image's features; {layer: features} when the store holds several layers."""
+        row = self.index(key)
+        if len(self.layers) == 1:
+            return self.features()[row]
+        return {layer: self.features(layer)[row] for layer in self.layers}
 
     def get(self, key: str, default=None):
         return self[key] if key in self else default
@@ -155,9 +182,9 @@ class Store:
 class Features:
     """Rows of every committed shard, in plan order, read on demand."""
 
-    def __init__(self, store: Store):
-        self._store = store
-        self.shape = (len(store), *store.feature_shape)
+    def __init__(self, store: Store, layer: str):
+        self._store, self._layer = store, layer
+        self.shape = (len(store), *store.feature_shapes[layer])
         self.dtype = store.dtype
         self.ndim = len(self.shape)
 
@@ -196,7 +223,7 @@ class Features:
         for position in np.unique(owner):
             mask = owner == position
             local = rows[mask] - store._offsets[position]
-            dataset = store._shard(store.shards[position])["features"]
+            dataset = store._dataset(store.shards[position], self._layer)
             out[mask] = _read_rows(dataset, local)
         return out
 

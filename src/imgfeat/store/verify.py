@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 
 from imgfeat.plan import read_shard_items
+from imgfeat.store.layout import feature_datasets
 from imgfeat.store.reader import Store
 
 MAX_DUPLICATES_SHOWN = 3
@@ -55,23 +56,29 @@ class _KeyOwners:
 
 def _check_shard(store: Store, index: int, seen: _KeyOwners) -> Iterator[str]:
     name = f"shard {index} ({store.layout.shard_file(index).name})"
+    datasets = feature_datasets(store.layers)
     try:
         with h5py.File(store.layout.shard_file(index), "r") as shard:
-            features = shard["features"]
             keys = shard["keys"].asstr()[:].tolist()
             error_keys = shard["errors/keys"].asstr()[:].tolist()
             reasons = shard["errors/reasons"].asstr()[:].tolist()
-            shape, dtype, rows = features.shape[1:], features.dtype, features.shape[0]
-            _read_all(features)
+            found = {}
+            for layer, path in datasets.items():
+                features = shard[path]
+                found[layer] = (tuple(features.shape[1:]), features.dtype, features.shape[0])
+                _read_all(features)
     except (OSError, KeyError, ValueError) as exc:
         yield f"{name} is unreadable: {str(exc).splitlines()[0] if str(exc) else exc!r}"
         return
-    if tuple(shape) != store.feature_shape or dtype != store.dtype:
-        yield (f"{name} holds {tuple(shape)} {dtype}, the manifest says "
-               f"{store.feature_shape} {store.dtype}")
-    if rows != len(keys) or len(reasons) != len(error_keys):
-        yield (f"{name} has {rows} feature rows for {len(keys)} keys, "
-               f"{len(reasons)} reasons for {len(error_keys)} errors")
+    for layer, (shape, dtype, rows) in found.items():
+        label = f"{name} {datasets[layer]}"
+        if shape != store.feature_shapes[layer] or dtype != store.dtype:
+            yield (f"{label} holds {shape} {dtype}, the manifest says "
+                   f"{store.feature_shapes[layer]} {store.dtype}")
+        if rows != len(keys):
+            yield f"{label} has {rows} feature rows for {len(keys)} keys"
+    if len(reasons) != len(error_keys):
+        yield f"{name} has {len(reasons)} reasons for {len(error_keys)} errors"
     yield from _check_plan(store, index, name, keys, error_keys)
     # a listed duplicate is recorded as an error under the same key as its row: expected
     recorded = keys + [k for k, r in zip(error_keys, reasons) if not r.startswith("duplicate")]

@@ -6,21 +6,25 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from imgfeat.store.layout import Layout, commit, temp_path
+from imgfeat.store.layout import Layout, commit, feature_datasets, temp_path
 from imgfeat.store.writer import STRING
 
 
-def build_virtual_file(layout: Layout, shards: list[int], shape: tuple[int, ...],
+def build_virtual_file(layout: Layout, shards: list[int], shapes: dict[str, tuple[int, ...]],
                        dtype: str) -> None:
+    """`shapes`: {layer: feature shape}, as the manifest's "layers" records them."""
+    names = feature_datasets(shapes)
     counts = {}
     for index in shards:
         with h5py.File(layout.shard_file(index), "r") as shard:
-            counts[index] = (shard["features"].shape[0], shard["errors/keys"].shape[0])
+            counts[index] = (shard["keys"].shape[0], shard["errors/keys"].shape[0])
     temp = temp_path(layout.features)
     try:
         with h5py.File(temp, "w") as out:
             out.attrs["shards"] = np.asarray(shards, dtype=np.int64)
-            _virtual(out, "features", layout, counts, 0, shape, dtype, "features")
+            for layer, shape in shapes.items():
+                _virtual(out, names[layer], layout, counts, 0, tuple(shape), dtype,
+                         names[layer])
             _virtual(out, "keys", layout, counts, 0, (), STRING, "keys")
             _virtual(out, "errors/keys", layout, counts, 1, (), STRING, "errors/keys")
             _virtual(out, "errors/reasons", layout, counts, 1, (), STRING, "errors/reasons")

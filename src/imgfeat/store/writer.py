@@ -6,33 +6,36 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from imgfeat.store.layout import Layout, commit, temp_path
+from imgfeat.store.layout import Layout, commit, feature_datasets, temp_path
 
 STRING = h5py.string_dtype("utf-8")
 CHUNK_BYTES = 1 << 20
 
 
 class ShardWriter:
-    def __init__(self, layout: Layout, index: int, shape: tuple[int, ...], dtype: str,
-                 capacity: int):
+    """`shapes`: {layer: feature shape}; rows come as {layer: array} of one batch."""
+
+    def __init__(self, layout: Layout, index: int, shapes: dict[str, tuple[int, ...]],
+                 dtype: str, capacity: int):
         self.final = layout.shard_file(index)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.temp = temp_path(self.final)
         self._file = h5py.File(self.temp, "w")
-        row_bytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-        rows_per_chunk = max(1, min(capacity, CHUNK_BYTES // row_bytes))
-        self._features = self._file.create_dataset(
-            "features", shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-            chunks=(rows_per_chunk, *shape))
+        self._features = {
+            layer: self._file.create_dataset(
+                name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+                chunks=(_rows_per_chunk(shape, dtype, capacity), *shape))
+            for (layer, shape), name in zip(shapes.items(), feature_datasets(shapes).values())}
         self._file.attrs["shard"] = index
         self.keys: list[str] = []
         self.error_keys: list[str] = []
         self.error_reasons: list[str] = []
 
-    def add_rows(self, keys: list[str], features: np.ndarray) -> None:
+    def add_rows(self, keys: list[str], features: dict[str, np.ndarray]) -> None:
         start = len(self.keys)
-        self._features.resize(start + len(keys), axis=0)
-        self._features[start:] = features
+        for layer, dataset in self._features.items():
+            dataset.resize(start + len(keys), axis=0)
+            dataset[start:] = features[layer]
         self.keys.extend(keys)
 
     def add_error(self, key: str, reason: str) -> None:
@@ -51,3 +54,8 @@ class ShardWriter:
         if self._file.id.valid:
             self._file.close()
         self.temp.unlink(missing_ok=True)
+
+
+def _rows_per_chunk(shape: tuple[int, ...], dtype: str, capacity: int) -> int:
+    row_bytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return max(1, min(capacity, CHUNK_BYTES // row_bytes))
