@@ -4,6 +4,7 @@ non-zero exit, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImgfeatError as exc:  # a run that could not finish: what is done is kept
         print(f"imgfeat: error: {exc}", file=sys.stderr)
         return EXIT_INCOMPLETE
+    except BrokenPipeError:  # `imgfeat layers ... | head`: the reader has had enough
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (no flush error at exit)
+        return 0
     except OSError as exc:  # disk full, permission denied: the system's word, on one line
         print(f"imgfeat: error: {exc}", file=sys.stderr)
         return EXIT_INCOMPLETE

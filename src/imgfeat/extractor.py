@@ -37,7 +37,8 @@ class Extractor:
         self.module = model.module.to(device).eval()
         self.module.to(memory_format=torch.channels_last)
         self._scale, self._shift = preprocess.normalizer(device)
-        self._tap = Tap(model, self.layers)
+        self._tap = model.make_tap(self.layers, device) if model.make_tap \
+            else Tap(model, self.layers)
         self.feature_shapes = self._probe()
 
     def identity(self) -> dict:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from imgfeat.errors import UsageError
-from imgfeat.models import timm_backend, torchvision_backend
+from imgfeat.models import file_backend, timm_backend, torchvision_backend
 from imgfeat.models.base import LoadedModel
 from imgfeat.models.preprocess import Preprocess
 from imgfeat.models.weights import file_sha256, state_digest
@@ -17,12 +17,14 @@ __all__ = ["DEFAULT_MODEL", "LoadedModel", "Preprocess", "load_model"]
 def load_model(spec: str, weights: str = "pretrained") -> LoadedModel:
     """Resolve `spec` (`timm:resnet50`, `torchvision:vit_b_16`) with `weights`
     (`pretrained`, `random`, or a path to a state dict)."""
+    if file_backend.is_model_file(spec):
+        return file_backend.load(spec, weights)
     prefix, sep, name = spec.partition(":")
     if not sep or prefix not in BACKENDS or not name:
         raise UsageError(
             f"unknown model spec {spec!r}: write it as "
-            + " or ".join(f"{p}:NAME" for p in BACKENDS)
-            + " (e.g. timm:resnet50)"
+            + ", ".join(f"{p}:NAME" for p in BACKENDS)
+            + " or a model file (.pt TorchScript, .pt2 torch.export, .onnx), e.g. timm:resnet50"
         )
     loaded = BACKENDS[prefix](name, weights)
     loaded.weights = _describe_weights(loaded, weights)

@@ -12,6 +12,7 @@ from imgfeat.errors import UsageError
 from imgfeat.models.base import LoadedModel
 
 PRE_LOGITS = "pre_logits"
+OUTPUT = "output"  # the whole model's output
 
 
 class _Reached(Exception):
@@ -34,8 +35,15 @@ def resolve_layers(model: LoadedModel, layers: list[str] | None) -> list[str]:
 
 
 def resolve_layer(model: LoadedModel, layer: str | None) -> str:
-    """The canonical name of `layer` (None: the pre-logits embedding), or a one-line error."""
-    if layer in (None, PRE_LOGITS):
+    """The canonical name of `layer` (None: the model's default), or a one-line error."""
+    layer = layer or model.default_layer
+    if model.layer_names is not None:
+        if layer in model.layer_names:
+            return layer
+        return _unknown(model, layer, model.layer_names)
+    if layer == OUTPUT:
+        return OUTPUT
+    if layer == PRE_LOGITS:
         if model.classifier is None:
             raise UsageError(f"{model.spec} has no linear classifier to take the pre-logits "
                              "embedding from; choose a layer with --layer "
@@ -43,11 +51,15 @@ def resolve_layer(model: LoadedModel, layer: str | None) -> str:
         return PRE_LOGITS
     names = [n for n, _ in model.module.named_modules() if n]
     if layer not in names:
-        close = difflib.get_close_matches(layer, names, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UsageError(f"unknown layer {layer!r} for {model.spec}{hint}; "
-                         f"'imgfeat layers {model.spec}' lists the valid names")
+        _unknown(model, layer, names)
     return layer
+
+
+def _unknown(model: LoadedModel, layer: str, names: list[str]):
+    close = difflib.get_close_matches(layer, names, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise UsageError(f"unknown layer {layer!r} for {model.spec}{hint}; "
+                     f"'imgfeat layers {model.spec}' lists the valid names")
 
 
 class Tap:
@@ -64,8 +76,8 @@ class Tap:
         self._seen = dict.fromkeys(self.layers, 0)
         self._tensors: dict[str, torch.Tensor] = {}
         for layer in self.layers:
-            target = self.module.get_submodule(model.classifier if layer == PRE_LOGITS
-                                               else layer)
+            name = {PRE_LOGITS: model.classifier, OUTPUT: ""}.get(layer, layer)
+            target = self.module.get_submodule(name)
             if layer == PRE_LOGITS:
                 target.register_forward_pre_hook(
                     lambda _m, args, layer=layer: self._record(layer, args[0] if args else None))
@@ -116,24 +128,28 @@ def _first_tensor(value, layer: str) -> torch.Tensor:
 
 
 def list_layers(model: LoadedModel, batch: torch.Tensor) -> list[LayerInfo]:
-    """Every named module with its output shape for one image, in call order of definition."""
+    """Every tappable name with its output shape for one image, in definition order."""
+    if model.layer_names is not None:  # not hookable: the names the model declares
+        return [LayerInfo(name, "value", None) for name in model.layer_names]
     shapes: dict[str, tuple[int, ...] | None] = {}
 
     def hook(name):
         def record(_module, _args, output):
-            tensor = output if isinstance(output, torch.Tensor) else None
+            tensor = _first_tensor(output, name) if isinstance(output, (torch.Tensor, tuple,
+                                                                         list)) else None
             shapes[name] = tuple(tensor.shape[1:]) if tensor is not None else None
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.module.named_modules() if n]
+    modules = list(model.module.named_modules())
+    handles = [m.register_forward_hook(hook(n or OUTPUT)) for n, m in modules]
     try:
         with torch.inference_mode():
             model.module(batch)
     finally:
         for handle in handles:
             handle.remove()
-    infos = [LayerInfo(n, type(m).__name__, shapes.get(n))
-             for n, m in model.module.named_modules() if n]
+    infos = [LayerInfo(n or OUTPUT, type(m).__name__ if n else "model output",
+                       shapes.get(n or OUTPUT)) for n, m in modules]
     if model.classifier is not None:
         classifier = model.module.get_submodule(model.classifier)
         width = getattr(classifier, "in_features", None)
