@@ -106,6 +106,11 @@ def _add_extract(commands) -> None:
     pre.add_argument("--interpolation", choices=list(INTERPOLATIONS))
     pre.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
     pre.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
+    pre.add_argument("--mean-pixel", type=float, nargs=3, metavar=("C1", "C2", "C3"),
+                     help="mean pixel in 0-255, in the model's channel order (BGR for Caffe)")
+    pre.add_argument("--mean-file", help="Caffe .binaryproto mean image (its channel means)")
+    pre.add_argument("--input-scale", type=float,
+                     help="multiply (pixel - mean) by this, as Caffe's input scale")
     pre.add_argument("--no-draft", dest="jpeg_draft", action="store_false",
                      help="decode JPEGs at full size even when much larger than needed")
     pre.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,

@@ -107,6 +107,8 @@ class Extractor:
     def _to_input(self, batch: torch.Tensor) -> torch.Tensor:
         # NHWC bytes permuted to NCHW are already channels_last in memory: no copy needed.
         pixels = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        if self.preprocess.bgr:
+            pixels = pixels.flip(1)
         return pixels.mul_(self._scale).add_(self._shift)  # in place: half the memory traffic
 
     def _context(self):

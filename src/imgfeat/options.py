@@ -44,6 +44,9 @@ class ExtractOptions:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     jpeg_draft: bool = True
+    mean_pixel: tuple[float, float, float] | None = None  # 0-255, the model's channel order
+    mean_file: str | None = None  # Caffe .binaryproto mean image
+    input_scale: float | None = None
     batch_size: int = 64
     devices: str = "auto"
     precision: str = "auto"

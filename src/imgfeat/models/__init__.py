@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from imgfeat.errors import UsageError
-from imgfeat.models import file_backend, timm_backend, torchvision_backend
+from imgfeat.models import caffe, file_backend, timm_backend, torchvision_backend
 from imgfeat.models.base import LoadedModel
 from imgfeat.models.preprocess import Preprocess
 from imgfeat.models.weights import file_sha256, state_digest
@@ -19,12 +19,18 @@ def load_model(spec: str, weights: str = "pretrained") -> LoadedModel:
     (`pretrained`, `random`, or a path to a state dict)."""
     if file_backend.is_model_file(spec):
         return file_backend.load(spec, weights)
+    if caffe.is_prototxt(spec):
+        loaded = caffe.load(spec, weights)
+        loaded.weights = {"kind": "random", **loaded.weights,
+                          "digest": state_digest(loaded.module)}
+        return loaded
     prefix, sep, name = spec.partition(":")
     if not sep or prefix not in BACKENDS or not name:
         raise UsageError(
             f"unknown model spec {spec!r}: write it as "
             + ", ".join(f"{p}:NAME" for p in BACKENDS)
-            + " or a model file (.pt TorchScript, .pt2 torch.export, .onnx), e.g. timm:resnet50"
+            + ", a model file (.pt TorchScript, .pt2 torch.export, .onnx) or a Caffe "
+            "deploy .prototxt, e.g. timm:resnet50"
         )
     loaded = BACKENDS[prefix](name, weights)
     loaded.weights = _describe_weights(loaded, weights)

@@ -36,6 +36,7 @@ class Preprocess:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     jpeg_draft: bool = True  # decode large JPEGs at reduced scale (see imaging.decode)
+    bgr: bool = False  # the model wants BGR (Caffe); mean and std are then in BGR order
 
     def __post_init__(self) -> None:
         if self.mode not in RESIZE_MODES:
