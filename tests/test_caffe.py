@@ -252,3 +252,26 @@ def test_extract_runs_a_caffe_net_with_caffe_preprocessing(vgg, tmp_path):
                                rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(np.asarray(store.features("pool5")),
                                expected["pool5"].numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_mean_file_and_input_scale(vgg, tmp_path):
+    from imgfeat.imaging import decode
+    from imgfeat.models.caffe import caffe_preprocess
+
+    folder, weights = vgg
+    means = (90.0, 100.0, 110.0)  # B, G, R
+    blob = messages()["BlobProto"]()
+    blob.shape.dim.extend([1, 3, 4, 4])
+    blob.data.extend(np.repeat(means, 16).tolist())
+    (tmp_path / "mean.binaryproto").write_bytes(blob.SerializeToString())
+    photo = photo_paths()[0]
+    store = imgfeat.extract([str(photo)], tmp_path / "out", model=str(folder / "v2.prototxt"),
+                            weights=str(folder / "v2.caffemodel"), layer="fc7",
+                            mean_file=str(tmp_path / "mean.binaryproto"), input_scale=0.5,
+                            dtype="float32", progress="none", devices="cpu:1")
+    preprocess = caffe_preprocess((SIZE, SIZE))
+    rgb = preprocess.geometry(decode(photo.read_bytes(), min_side=preprocess.draft_side))
+    bgr = torch.from_numpy(rgb[None, ..., ::-1].astype(np.float32).copy()).permute(0, 3, 1, 2)
+    x = (bgr - torch.tensor(means).view(1, 3, 1, 1)) * 0.5
+    np.testing.assert_allclose(np.asarray(store.features()), vgg_by_hand(x, weights)["fc7"],
+                               rtol=1e-3, atol=1e-3)

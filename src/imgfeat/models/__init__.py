@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from imgfeat.errors import UsageError
-from imgfeat.models import caffe, file_backend, timm_backend, torchvision_backend
+from imgfeat.models import (
+    caffe,
+    file_backend,
+    hf_backend,
+    openclip_backend,
+    timm_backend,
+    torchvision_backend,
+)
 from imgfeat.models.base import LoadedModel
 from imgfeat.models.preprocess import Preprocess
 from imgfeat.models.weights import file_sha256, state_digest
 from imgfeat.options import DEFAULT_MODEL
 
-BACKENDS = {"timm": timm_backend.load, "torchvision": torchvision_backend.load}
+BACKENDS = {"timm": timm_backend.load, "torchvision": torchvision_backend.load,
+            "open_clip": openclip_backend.load, "hf": hf_backend.load}
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "Preprocess", "load_model"]
 

@@ -119,6 +119,8 @@ class Tap:
 def _first_tensor(value, layer: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
+    if hasattr(value, "to_tuple"):  # Hugging Face model outputs
+        value = value.to_tuple()
     if isinstance(value, (tuple, list)):
         for element in value:
             if isinstance(element, torch.Tensor):
