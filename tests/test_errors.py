@@ -43,7 +43,7 @@ def test_missing_source(tmp_path):
 @pytest.mark.parametrize("spec, fragment", [
     ("timm:resnet5000", "unknown model timm:resnet5000"),
     ("torchvision:resnet5000", "unknown model torchvision:resnet5000"),
-    ("resnet50", "write it as timm:NAME or torchvision:NAME"),
+    ("resnet50", "write it as timm:NAME, torchvision:NAME"),
 ])
 def test_unknown_model(photos, tmp_path, spec, fragment):
     result = cli("extract", str(photos), "-o", str(tmp_path / "o"), "--model", spec,
