@@ -117,7 +117,8 @@ def _add_extract(commands) -> None:
                      help=f"refuse larger images as decompression bombs "
                      f"(default {DEFAULT_MAX_PIXELS})")
     r = p.add_argument_group("run")
-    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|auto",
+                   help="images per forward pass (default auto: 16 on CPU, 64 on GPU)")
     r.add_argument("--devices", default="auto", help=f"{DEVICE_HELP}: one worker per device "
                    "(auto: every GPU, else one CPU worker)")
     r.add_argument("--precision", default="auto", choices=PRECISIONS)
@@ -261,6 +262,15 @@ def describe(store) -> str:
         for reason, count in groups.most_common():
             lines.append(f"  {count:>8,}  {reason}  (e.g. {example[reason]})")
     return "\n".join(lines)
+
+
+def _batch_size(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"write a number or auto, not {text!r}") from None
 
 
 def _scales(text: str) -> tuple[float, ...]:

@@ -47,7 +47,7 @@ class ExtractOptions:
     mean_pixel: tuple[float, float, float] | None = None  # 0-255, the model's channel order
     mean_file: str | None = None  # Caffe .binaryproto mean image
     input_scale: float | None = None
-    batch_size: int = 64
+    batch_size: int | None = None  # None: the device's default (see devices.default_batch)
     devices: str = "auto"
     precision: str = "auto"
     dtype: str = "float16"

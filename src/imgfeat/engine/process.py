@@ -10,7 +10,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 
-from imgfeat.devices import Placement, resolve_device, resolve_precision
+from imgfeat.devices import Placement, default_batch, resolve_device, resolve_precision
 from imgfeat.errors import UsageError
 from imgfeat.plan import read_shard_items
 from imgfeat.sources import Item
@@ -86,7 +86,8 @@ class ShardRunner:
             torch.cuda.set_device(placement.device)
         self.extractor = build_extractor(opts, placement.device)
         self.layout = Layout(out)
-        self.worker = Worker(self.extractor, self.layout, batch_size=opts.batch_size,
+        batch_size = opts.batch_size or default_batch(placement.device)
+        self.worker = Worker(self.extractor, self.layout, batch_size=batch_size,
                              threads=placement.decode_threads, max_pixels=opts.max_pixels,
                              profile=opts.profile)
 
