@@ -21,11 +21,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-               else os.cpu_count() or 1)
-
-
 # Test hook: a worker that decodes a file whose path ends with this dies on the spot, as a
 # decoder segfault would. Read once; costs one comparison per image when unset.
 _CRASH_ON = os.environ.get("IMGFEAT_TEST_CRASH_ON")

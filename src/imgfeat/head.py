@@ -13,15 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from imgfeat.errors import UsageError
-from imgfeat.options import POOLS, check_choice
 
 EPS = 1e-6
 SPATIAL_ONLY = ("gem", "rmac")
 _ALIASES = {"mac": "max", "spoc": "avg"}
-
-
-def check_pool(pool: str) -> str:
-    return check_choice(pool, POOLS, "pooling")
 
 
 def apply_head(tensor: torch.Tensor, pool: str = "avg", l2: bool = False,

@@ -16,7 +16,6 @@ from itertools import islice
 from pathlib import Path
 
 from imgfeat.errors import UsageError
-from imgfeat.options import DEFAULT_SHARD_SIZE  # noqa: F401  (re-exported)
 from imgfeat.sources import Item
 from imgfeat.store.layout import Layout, write_atomic
 
