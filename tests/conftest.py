@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("IMGFEAT_TEST", "1")
 
 from corpus import copy_photos, make_mixed_corpus  # noqa: E402
+from runs import make_many  # noqa: E402
 
 # A small, fast setting shared by most tests: random weights, small images.
 FAST = ["--model", "timm:resnet18", "--weights", "random", "--image-size", "64",
@@ -28,3 +29,9 @@ def photos(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("photos")
     copy_photos(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def many(tmp_path_factory) -> Path:
+    """40 distinct JPEGs in two sub-folders, for runs of several shards."""
+    return make_many(tmp_path_factory.mktemp("many"), 40)

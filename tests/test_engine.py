@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pytest
 from conftest import FAST
-from corpus import base_photo, jpeg_bytes, photo_paths
-from PIL import Image
+from corpus import base_photo, jpeg_bytes
+from runs import assert_same_store, committed, make_many, shard_mtimes, wait_for, writing
 
 import imgfeat
 from imgfeat.cli import main
@@ -21,45 +21,11 @@ from imgfeat.cli import main
 SHARD = ["--shard-size", "4"]
 
 
-def make_many(folder: Path, count: int) -> Path:
-    """`count` distinct JPEGs cut from the real photos, in two sub-folders."""
-    photos = [Image.open(p).convert("RGB") for p in photo_paths()]
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        w, h = photo.size
-        box = (i * 7 % (w // 3), i * 5 % (h // 3), w - i * 3 % (w // 3), h - i % (h // 3))
-        path = folder / f"part{i % 2}" / f"img{i:03d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(jpeg_bytes(photo.crop(box).resize((160, 120))))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def many(tmp_path_factory) -> Path:
-    return make_many(tmp_path_factory.mktemp("many"), 40)
-
-
 @pytest.fixture(scope="module")
 def reference(many, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "out"
     assert main(["extract", str(many), "-o", str(out), *FAST, *SHARD, "--devices", "cpu:1"]) == 0
     return out
-
-
-def contents(out: Path):
-    store = imgfeat.open_store(out)
-    return store.keys, np.asarray(store.features()), store.errors
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    keys_a, feats_a, errors_a = contents(a)
-    keys_b, feats_b, errors_b = contents(b)
-    assert keys_a == keys_b and errors_a == errors_b
-    np.testing.assert_array_equal(feats_a, feats_b)  # bitwise
-
-
-def shard_mtimes(out: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("shard-*.h5")}
 
 
 def test_one_and_two_workers_give_the_same_store_bitwise(many, reference, tmp_path):
@@ -75,23 +41,6 @@ def start(many: Path, out: Path, *extra: str, env: dict | None = None) -> subpro
     return subprocess.Popen(command, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-
-
-def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"run ended before the kill point: {process.stderr.read()}"
-        assert time.monotonic() < deadline, "kill point never reached"
-        time.sleep(0.005)
-
-
-def committed(out: Path) -> int:
-    return len(list((out / "shards").glob("shard-*.h5"))) if (out / "shards").exists() else 0
-
-
-def writing(out: Path) -> bool:
-    return (out / "shards").exists() and any(".tmp-" in p.name
-                                             for p in (out / "shards").iterdir())
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST
-from test_engine import assert_same_store, committed, make_many, shard_mtimes, wait_for, writing
+from runs import assert_same_store, committed, shard_mtimes, wait_for, writing
 
 import imgfeat
 from imgfeat.cli import main
@@ -58,11 +58,6 @@ def _address(output: str, temp: Path) -> str:
         if "--address=" in line:
             return line.split("--address=")[1].split()[0].strip("'\"")
     raise AssertionError(f"no address in ray start output:\n{output}")
-
-
-@pytest.fixture(scope="module")
-def many(tmp_path_factory) -> Path:
-    return make_many(tmp_path_factory.mktemp("ray-many"), 40)
 
 
 @pytest.fixture(scope="module")

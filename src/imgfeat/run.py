@@ -4,7 +4,6 @@ device, open (or resume) the output folder, plan while extracting, and finish th
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -112,7 +111,7 @@ def _open_output(layout: Layout, identity: dict, opts: ExtractOptions, node: Nod
         remove_temps_of(layout)
         return recorded
     if opts.overwrite:
-        _remove_own(layout)
+        layout.remove_own()
     elif layout.root.is_dir() and any(layout.root.iterdir()):
         raise UsageError(f"output folder {layout.root} is not empty and holds no imgfeat store; "
                          "choose a new or empty folder")
@@ -138,14 +137,6 @@ def _wait_for_manifest(layout: Layout, identity: dict, overwrite: bool) -> dict:
             raise UsageError(f"no store for this run appeared in {layout.root} within "
                              f"{NODE_WAIT_S:.0f}s: start node 0 (--node-rank 0) too")
         time.sleep(0.5)
-
-
-def _remove_own(layout: Layout) -> None:
-    for path in layout.own_paths():
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
 
 
 def _extract(engine: LocalEngine, layout: Layout, manifest: dict, sources: list[str],

@@ -30,8 +30,7 @@ def derive_store(store: Store, layer: str, dest: str | Path,
         if not overwrite:
             raise UsageError(f"{target.root} is not empty; choose another folder or pass "
                              "--overwrite")
-        for path in target.own_paths():
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        target.remove_own()
     manifest = json.loads(json.dumps(store.manifest))
     manifest.update(changes, derived_from=str(store.layout.root))
     write_manifest(target, manifest)

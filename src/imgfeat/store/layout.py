@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
 from pathlib import Path
@@ -43,6 +44,14 @@ class Layout:
     def own_paths(self) -> list[Path]:
         """Everything imgfeat writes here; --overwrite removes these and nothing else."""
         return [self.manifest, self.plan_dir, self.shards_dir, self.features]
+
+    def remove_own(self) -> None:
+        """Delete what imgfeat wrote here, leaving any other file alone."""
+        for path in self.own_paths():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def feature_datasets(layers) -> dict[str, str]:

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from imgfeat.plan import read_shard_items
 from imgfeat.store.layout import feature_datasets
@@ -110,5 +109,4 @@ def _check_plan(store: Store, index: int, name: str, keys: list[str],
 def _read_all(dataset: h5py.Dataset, rows: int = 4096) -> None:
     """Read every chunk, so that a corrupt block is found, not just a good header."""
     for start in range(0, dataset.shape[0], rows):
-        block = dataset[start:start + rows]
-        np.asarray(block)
+        dataset[start:start + rows]

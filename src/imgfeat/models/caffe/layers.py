@@ -168,15 +168,15 @@ class Scale(Layer):
         self.value = self.param(_blob(blobs, 0, self.param_shape, name)) if blobs else None
         self.bias = self.param(_blob(blobs, 1, self.param_shape, name)) if bias else None
 
-    def _shaped(self, value, ndim):
+    def _shaped(self, value):
         return value.reshape((1,) * self.axis + tuple(value.shape) + (1,) * self.trailing)
 
     def forward(self, bottoms):
         x = bottoms[0]
-        value = self._shaped(bottoms[1] if len(bottoms) > 1 else self.value, x.ndim)
+        value = self._shaped(bottoms[1] if len(bottoms) > 1 else self.value)
         y = x + value if self.add else x * value
         if self.bias is not None:
-            y = y + self._shaped(self.bias, x.ndim)
+            y = y + self._shaped(self.bias)
         return [y]
 
 
