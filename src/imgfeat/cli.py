@@ -122,7 +122,12 @@ def _add_extract(commands) -> None:
     r.add_argument("--devices", default="auto", help=f"{DEVICE_HELP}: one worker per device "
                    "(auto: every GPU, else one CPU worker)")
     r.add_argument("--precision", default="auto", choices=PRECISIONS)
-    r.add_argument("--threads", type=int, help="decode threads (default: cores)")
+    r.add_argument("--no-freeze", dest="freeze", action="store_false",
+                   help="on CPU, run the model eagerly rather than as a frozen TorchScript "
+                   "graph (used only where it gives the eager result)")
+    r.add_argument("--threads", type=int,
+                   help="decode threads per worker (default: on GPU, the worker's cores; on "
+                   "CPU, the cores the model leaves free, or all at low priority)")
     r.add_argument("--dtype", default="float16", choices=("float16", "float32"),
                    help="stored feature type")
     r.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)

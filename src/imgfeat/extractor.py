@@ -24,7 +24,7 @@ class Extractor:
     def __init__(self, model: LoadedModel, layers: list[str], preprocess: Preprocess, *,
                  device: torch.device, precision: str, pool: str, l2: bool, dtype: str,
                  gem_p: float = 3.0, scales: tuple[float, ...] = (1.0,),
-                 whitening: Whitening | None = None):
+                 whitening: Whitening | None = None, freeze: bool = True):
         if whitening is not None and len(layers) > 1:
             raise UsageError("--whiten applies to one layer; extract other layers apart")
         self.device = device
@@ -40,6 +40,25 @@ class Extractor:
         self._tap = model.make_tap(self.layers, device) if model.make_tap \
             else Tap(model, self.layers)
         self.feature_shapes = self._probe()
+        self._run = self._features
+        self.frozen = freeze and self._freeze()
+
+    def _freeze(self) -> bool:
+        """Swap the eager model side for a checked frozen graph where that pays: on CPU, in
+        fp32 (on a GPU, kernels dominate and --compile is the tool)."""
+        if self.device.type != "cpu" or autocast_dtype(self.precision) is not None:
+            return False
+        from imgfeat.freeze import freeze
+
+        generator = torch.Generator().manual_seed(0)
+        example, check = (self._to_input(torch.randint(
+            0, 256, (n, *self.preprocess.size, 3), dtype=torch.uint8, generator=generator))
+            for n in (2, 3))
+        frozen = freeze(self.module, self._features, example, check)
+        if frozen is None:
+            return False
+        self._run = frozen
+        return True
 
     def identity(self) -> dict:
         """What decides the meaning of the features this extractor makes."""
@@ -76,7 +95,7 @@ class Extractor:
     def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
         """`batch`: uint8 (N, H, W, 3), on the host (pinned for a GPU) or the device."""
         with self._context():
-            tensors = self._features(self._to_input(batch))
+            tensors = self._run(self._to_input(batch))
             features = {layer: tensor.to("cpu").numpy() for layer, tensor in tensors.items()}
         if self.whitening is not None:
             features = {layer: self.whitening.apply(array, l2=self.l2)

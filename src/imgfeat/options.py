@@ -50,6 +50,7 @@ class ExtractOptions:
     batch_size: int | None = None  # None: the device's default (see devices.default_batch)
     devices: str = "auto"
     precision: str = "auto"
+    freeze: bool = True  # CPU: run the model as a frozen TorchScript graph when it checks out
     dtype: str = "float16"
     shard_size: int = DEFAULT_SHARD_SIZE
     max_pixels: int | None = DEFAULT_MAX_PIXELS

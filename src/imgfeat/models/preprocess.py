@@ -21,6 +21,7 @@ from imgfeat.options import INTERPOLATIONS as INTERPOLATION_NAMES
 from imgfeat.options import RESIZE_MODES
 
 INTERPOLATIONS = {name: InterpolationMode(name) for name in INTERPOLATION_NAMES}
+PIL_FILTERS = {name: getattr(Image.Resampling, name.upper()) for name in INTERPOLATION_NAMES}
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,41 @@ class Preprocess:
             image = _fit_inside(image, scale, resample)
             image = F.center_crop(image, list(self.size)) if _larger(image, self.size) else image
             return _pad_to(np.asarray(image), self.size, self.mean)
-        elif scale[0] == scale[1]:
-            image = F.resize(image, scale[0], interpolation=resample)
         else:
-            ratio = max(scale[0] / image.height, scale[1] / image.width)
-            target = [round(image.height * ratio), round(image.width * ratio)]
-            image = F.resize(image, target, interpolation=resample)
+            return self._resize_crop(image)
         return np.asarray(F.center_crop(image, list(self.size)))
+
+    def _resize_crop(self, image: Image.Image) -> np.ndarray:
+        """Resize, then centre crop, in one resample of only the pixels the crop keeps.
+
+        Pillow's `box` maps the crop back onto the source at the full resize's scale, so each
+        output pixel gets the filter taps it gets when the whole image is resized and then
+        cropped, for about half the work on a 4:3 photo. Sample positions can differ in the
+        last bits of a float, which moves a few values by a level or two; with the nearest and
+        box filters such a tie picks another source pixel, so they, and upscaling (cheap),
+        keep the two-step path."""
+        height, width = self.resized_size(image.height, image.width)
+        crop_h, crop_w = self.size
+        if (self.interpolation in {"nearest", "box"} or height > image.height
+                or width > image.width):
+            resized = F.resize(image, [height, width], interpolation=INTERPOLATIONS[
+                self.interpolation])
+            return np.asarray(F.center_crop(resized, list(self.size)))
+        top, left = round((height - crop_h) / 2.0), round((width - crop_w) / 2.0)
+        step_y, step_x = image.height / height, image.width / width
+        box = (left * step_x, top * step_y, (left + crop_w) * step_x, (top + crop_h) * step_y)
+        return np.asarray(image.resize((crop_w, crop_h), PIL_FILTERS[self.interpolation],
+                                       box=box))
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of crop mode's aspect-keeping resize, rounded as torchvision."""
+        scale = self.scale_size
+        if scale[0] == scale[1]:
+            short, long = sorted((height, width))
+            new_short, new_long = scale[0], int(scale[0] * long / short)
+            return (new_short, new_long) if height <= width else (new_long, new_short)
+        ratio = max(scale[0] / height, scale[1] / width)
+        return round(height * ratio), round(width * ratio)
 
     def normalizer(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) so that `uint8 * scale + shift` is the normalised float input."""
