@@ -193,7 +193,7 @@ def test_out_of_memory_halves_the_batch(tmp_path, photos, monkeypatch):
 
     extractor = build_extractor(ExtractOptions(model="timm:resnet18", weights="random",
                                                image_size=64), "cpu")
-    real = extractor.__class__.__call__
+    real = extractor.__class__.launch
     sizes = []
 
     def small_memory(self, batch):
@@ -202,7 +202,7 @@ def test_out_of_memory_halves_the_batch(tmp_path, photos, monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(self, batch)
 
-    monkeypatch.setattr(extractor.__class__, "__call__", small_memory)
+    monkeypatch.setattr(extractor.__class__, "launch", small_memory)
     worker = Worker(extractor, Layout(tmp_path), batch_size=8, threads=2, max_pixels=None)
     items = list(iter_items([str(photos)]))
     result = worker.run_shard(0, items, lambda rows, errors: None)

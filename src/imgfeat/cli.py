@@ -118,10 +118,16 @@ def _add_extract(commands) -> None:
                      f"(default {DEFAULT_MAX_PIXELS})")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|auto",
-                   help="images per forward pass (default auto: 16 on CPU, 64 on GPU)")
+                   help="images per forward pass (default auto: 16 on CPU; on GPU the largest "
+                   "that fits in free memory, at most 1024)")
     r.add_argument("--devices", default="auto", help=f"{DEVICE_HELP}: one worker per device "
                    "(auto: every GPU, else one CPU worker)")
     r.add_argument("--precision", default="auto", choices=PRECISIONS)
+    r.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu"),
+                   help="where JPEGs are decoded: gpu (nvJPEG, others on the CPU), cpu, or "
+                   "auto: both, in balance on a GPU worker, else cpu")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (first batches wait for the compiler)")
     r.add_argument("--no-freeze", dest="freeze", action="store_false",
                    help="on CPU, run the model eagerly rather than as a frozen TorchScript "
                    "graph (used only where it gives the eager result)")

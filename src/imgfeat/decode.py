@@ -7,6 +7,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -26,9 +27,18 @@ R = TypeVar("R")
 _CRASH_ON = os.environ.get("IMGFEAT_TEST_CRASH_ON")
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A JPEG the decode threads leave for the device decoder: the file's bytes."""
+
+    data: bytes
+
+
 def load_pixels(item: Item, preprocess: Preprocess, max_pixels: int | None,
-                times=OFF) -> np.ndarray | str:
-    """The model-sized uint8 pixels of one item, or the reason it has none."""
+                times=OFF, to_device: Callable[[bytes], bool] | None = None
+                ) -> np.ndarray | Encoded | str:
+    """The model-sized uint8 pixels of one item, or the reason it has none; with `to_device`,
+    the file's bytes, left for the device decoder, where `to_device` takes them."""
     if item.error is not None:
         return item.error
     if _CRASH_ON and item.path.endswith(_CRASH_ON):
@@ -36,6 +46,17 @@ def load_pixels(item: Item, preprocess: Preprocess, max_pixels: int | None,
     try:
         with times.stage("read"), open(item.path, "rb") as handle:
             data = handle.read()
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror or exc}"
+    if to_device is not None and to_device(data):
+        return Encoded(data)
+    return pixels_from_bytes(data, preprocess, max_pixels, times)
+
+
+def pixels_from_bytes(data: bytes, preprocess: Preprocess, max_pixels: int | None,
+                      times=OFF) -> np.ndarray | str:
+    """Decode and shape one encoded image on the CPU, or say why it cannot be."""
+    try:
         with times.stage("decode"):
             image = decode(data, max_pixels, preprocess.draft_side)
         with times.stage("preprocess"):

@@ -11,33 +11,45 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+import threading
+import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from imgfeat.decode import pixels_from_bytes
+from imgfeat.errors import UsageError
 from imgfeat.models.preprocess import Preprocess
+
+# torchvision 0.29 announces that TorchCodec will take over its image decoders; until then
+# its decode_jpeg is the batched nvJPEG entry point, and the notice is not the user's concern.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities",
+                        category=DeprecationWarning)
 
 DEVICE_MODES = {"RGB", "L"}  # JPEG colour modes nvJPEG decodes as the CPU path does
 _FILTERS = {"bilinear": "bilinear", "bicubic": "bicubic"}  # what interpolate antialiases
 
 
-@dataclass(frozen=True)
-class Encoded:
-    """A JPEG the decode threads left for the device; `data` is the file's bytes."""
+def resolve_decode(mode: str, device: torch.device) -> str:
+    """The decode mode a worker on `device` runs: auto is cpu where there is no GPU."""
+    if mode == "gpu" and device.type != "cuda":
+        raise UsageError(f"--decode gpu decodes on a CUDA device; this worker runs on {device} "
+                         "(use --decode cpu or auto)")
+    return mode if device.type == "cuda" else "cpu"
 
-    data: bytes
 
-
-def device_decodable(data: bytes, preprocess: Preprocess) -> bool:
-    """Whether the device path can take this file: a JPEG, RGB or grey, cropped to size."""
-    if preprocess.mode != "crop" or preprocess.interpolation not in _FILTERS \
-            or preprocess.bgr:
+def device_decodable(data: bytes, preprocess: Preprocess, max_pixels: int | None) -> bool:
+    """Whether the device path can take this file: a JPEG, RGB or grey, upright, within the
+    pixel limit, for a model that wants a resized centre crop."""
+    if preprocess.mode != "crop" or preprocess.interpolation not in _FILTERS:
         return False
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
             return image.format == "JPEG" and image.mode in DEVICE_MODES \
+                and (max_pixels is None or width * height <= max_pixels) \
                 and _orientation(image) in (None, 1)
     except Exception:  # the CPU path gives the proper error
         return False
@@ -103,3 +115,89 @@ def split_share(cpu_rate: float, device_rate: float) -> float:
             or cpu_rate + device_rate <= 0:
         return 0.5
     return device_rate / (cpu_rate + device_rate)
+
+
+class DecodeSplit:
+    """Which JPEGs go to the device decoder: all (`gpu`), or (`auto`) a share that follows the
+    measured rates of the two decoders so that both finish a batch together."""
+
+    def __init__(self, mode: str, cpu_threads: int):
+        self.mode = mode
+        self.share = 1.0 if mode == "gpu" else 0.5
+        self._cpu_threads = max(1, cpu_threads)
+        self._taken = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """Whether the next image goes to the device; spreads the share evenly."""
+        with self._lock:
+            before, self._taken = self._taken, self._taken + 1
+        return math.floor((before + 1) * self.share) > math.floor(before * self.share)
+
+    def update(self, cpu_seconds_per_image: float, device_images: int,
+               device_seconds: float) -> None:
+        """Move the share (in `auto`) towards the balance of the latest measurements."""
+        if self.mode != "auto" or device_images == 0 or cpu_seconds_per_image <= 0:
+            return
+        cpu_rate = self._cpu_threads / cpu_seconds_per_image
+        device_rate = device_images / max(device_seconds, 1e-9)
+        self.share = 0.5 * self.share + 0.5 * split_share(cpu_rate, device_rate)
+
+    def disable(self) -> None:
+        self.share = 0.0
+
+
+class DeviceStage:
+    """A worker's device decoding: which images the decode threads leave encoded, and the
+    batch rows filled on the device before the forward pass."""
+
+    def __init__(self, mode: str, preprocess: Preprocess, device: torch.device,
+                 max_pixels: int | None, cpu_threads: int):
+        self.decoder = DeviceDecoder(preprocess, device)
+        self.split = DecodeSplit(mode, cpu_threads)
+        self.preprocess, self.device, self.max_pixels = preprocess, device, max_pixels
+        self.held: list[tuple[int, bytes]] = []
+        self._cpu = [0.0, 0]  # seconds, images decoded by the threads since the last batch
+        self._lock = threading.Lock()
+
+    def wants(self, data: bytes) -> bool:
+        return self.split.take() and device_decodable(data, self.preprocess, self.max_pixels)
+
+    def cpu_decoded(self, seconds: float) -> None:
+        with self._lock:
+            self._cpu[0] += seconds
+            self._cpu[1] += 1
+
+    def fill(self, batch: torch.Tensor, times) -> tuple[torch.Tensor, dict[int, str]]:
+        """`batch` on the device with the held rows decoded there; rows that no decoder can
+        take come back as {row: reason}. A device decoder that fails outright is turned off
+        for the rest of the run and its rows decoded on the CPU."""
+        rows, datas = zip(*self.held) if self.held else ((), ())
+        self.held = []
+        batch = batch.to(self.device, non_blocking=True)
+        began = time.perf_counter()
+        with times.stage("gpu-decode"):
+            try:
+                images = self.decoder(list(datas))
+            except Exception:  # not one bad file (that is handled inside): the decoder
+                self.split.disable()
+                images = [None] * len(datas)
+            if self.device.type == "cuda" and self.split.mode == "auto":
+                torch.cuda.synchronize(self.device)  # to time it
+        self._rebalance(len(datas), time.perf_counter() - began)
+        failed = {}
+        for row, data, image in zip(rows, datas, images):
+            if image is None:
+                pixels = pixels_from_bytes(data, self.preprocess, self.max_pixels, times)
+                if isinstance(pixels, str):
+                    failed[row] = pixels
+                    continue
+                image = torch.from_numpy(pixels).to(self.device)
+            batch[row] = image
+        return batch, failed
+
+    def _rebalance(self, device_images: int, device_seconds: float) -> None:
+        with self._lock:
+            (seconds, images), self._cpu = self._cpu, [0.0, 0]
+        if images:
+            self.split.update(seconds / images, device_images, device_seconds)

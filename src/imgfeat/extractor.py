@@ -24,7 +24,8 @@ class Extractor:
     def __init__(self, model: LoadedModel, layers: list[str], preprocess: Preprocess, *,
                  device: torch.device, precision: str, pool: str, l2: bool, dtype: str,
                  gem_p: float = 3.0, scales: tuple[float, ...] = (1.0,),
-                 whitening: Whitening | None = None, freeze: bool = True):
+                 whitening: Whitening | None = None, freeze: bool = True,
+                 compile: bool = False):
         if whitening is not None and len(layers) > 1:
             raise UsageError("--whiten applies to one layer; extract other layers apart")
         self.device = device
@@ -37,11 +38,16 @@ class Extractor:
         self.module = model.module.to(device).eval()
         self.module.to(memory_format=torch.channels_last)
         self._scale, self._shift = preprocess.normalizer(device)
+        self._copies = None  # the CUDA stream that uploads batches
         self._tap = model.make_tap(self.layers, device) if model.make_tap \
             else Tap(model, self.layers)
         self.feature_shapes = self._probe()
         self._run = self._features
-        self.frozen = freeze and self._freeze()
+        self.frozen = freeze and not compile and self._freeze()
+        if compile:
+            from imgfeat.compiled import Compiled
+
+            self._run = Compiled(self._features)
 
     def _freeze(self) -> bool:
         """Swap the eager model side for a checked frozen graph where that pays: on CPU, in
@@ -78,7 +84,8 @@ class Extractor:
 
     def _probe(self) -> dict[str, tuple[int, ...]]:
         """One pass on a blank image: counts tapped calls and gives the stored shapes."""
-        blank = torch.zeros((1, *self.preprocess.size, 3), dtype=torch.uint8)
+        blank = torch.zeros((1, *self.preprocess.size, 3), dtype=torch.uint8,
+                            device=self.device)
         with self._context():
             self._tap.probe(self._to_input(blank))
             features = self._features(self._to_input(blank))
@@ -94,13 +101,39 @@ class Extractor:
 
     def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
         """`batch`: uint8 (N, H, W, 3), on the host (pinned for a GPU) or the device."""
+        return self.launch(batch).result()
+
+    def launch(self, batch: torch.Tensor) -> Pending:
+        """Queue a batch's pass without waiting for it (on a GPU: the upload on a side stream,
+        overlapping the pass before it, and the features' download); on CPU it runs now."""
         with self._context():
-            tensors = self._run(self._to_input(batch))
-            features = {layer: tensor.to("cpu").numpy() for layer, tensor in tensors.items()}
+            tensors = self._run(self._to_input(self._upload(batch)))
+            host = {layer: tensor.to("cpu", non_blocking=True)
+                    for layer, tensor in tensors.items()}
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return Pending(self, host, done)
+
+    def finish(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Host-side last steps: whitening, then the stored dtype."""
         if self.whitening is not None:
             features = {layer: self.whitening.apply(array, l2=self.l2)
                         for layer, array in features.items()}
         return {layer: array.astype(self.dtype, copy=False) for layer, array in features.items()}
+
+    def _upload(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda" or batch.device == self.device:
+            return batch.to(self.device)
+        if self._copies is None:
+            self._copies = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._copies):
+            pixels = batch.to(self.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self._copies)
+        pixels.record_stream(compute)  # the allocator must not reuse it before the pass ends
+        return pixels
 
     def _features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each layer's head output; with several scales, their generalized mean (power p
@@ -125,7 +158,7 @@ class Extractor:
 
     def _to_input(self, batch: torch.Tensor) -> torch.Tensor:
         # NHWC bytes permuted to NCHW are already channels_last in memory: no copy needed.
-        pixels = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        pixels = batch.permute(0, 3, 1, 2).float()
         if self.preprocess.bgr:
             pixels = pixels.flip(1)
         return pixels.mul_(self._scale).add_(self._shift)  # in place: half the memory traffic
@@ -137,3 +170,16 @@ class Extractor:
         if dtype is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
         return stack
+
+
+class Pending:
+    """A launched batch; `result()` waits for its features and finishes them on the host."""
+
+    def __init__(self, extractor: Extractor, host: dict[str, torch.Tensor], done=None):
+        self._extractor, self._host, self._done = extractor, host, done
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._extractor.finish(
+            {layer: tensor.numpy() for layer, tensor in self._host.items()})

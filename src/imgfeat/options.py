@@ -17,6 +17,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESIZE_MODES = ("crop", "squash", "pad")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 ENGINES = ("local", "ray")
+DECODES = ("auto", "cpu", "gpu")
 
 
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
@@ -47,9 +48,11 @@ class ExtractOptions:
     mean_pixel: tuple[float, float, float] | None = None  # 0-255, the model's channel order
     mean_file: str | None = None  # Caffe .binaryproto mean image
     input_scale: float | None = None
-    batch_size: int | None = None  # None: the device's default (see devices.default_batch)
+    batch_size: int | None = None  # None: auto (see batching.auto_batch)
     devices: str = "auto"
     precision: str = "auto"
+    decode: str = "auto"  # JPEGs: cpu, gpu (nvJPEG), or auto: both, balanced (cpu without GPU)
+    compile: bool = False  # torch.compile the model side
     freeze: bool = True  # CPU: run the model as a frozen TorchScript graph when it checks out
     dtype: str = "float16"
     shard_size: int = DEFAULT_SHARD_SIZE
@@ -75,6 +78,7 @@ class ExtractOptions:
         check_choice(self.dtype, DTYPES, "dtype")
         check_choice(self.precision, PRECISIONS, "precision")
         check_choice(self.engine, ENGINES, "engine")
+        check_choice(self.decode, DECODES, "decode mode")
         if self.resize_mode is not None:
             check_choice(self.resize_mode, RESIZE_MODES, "resize mode")
         if self.interpolation is not None:

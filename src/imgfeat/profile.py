@@ -1,5 +1,5 @@
 """Per-stage timing for --profile: where a worker's time goes (read, decode, preprocess on
-the decode threads; wait, forward, write on the worker's own thread)."""
+the decode threads; gpu-decode, wait, forward, write on the worker's own thread)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import threading
 import time
 from contextlib import contextmanager
 
-STAGES = ("read", "decode", "preprocess", "wait", "forward", "write")
+STAGES = ("read", "decode", "preprocess", "gpu-decode", "wait", "forward", "write")
+_OPTIONAL = {"gpu-decode"}  # shown only when used
 THREAD_STAGES = ("read", "decode", "preprocess")  # summed over the decode threads
 
 
@@ -38,9 +39,13 @@ class StageTimes:
         lines = ["stage       seconds   ms/image   note"]
         for name in STAGES:
             seconds = self.seconds[name]
+            if name in _OPTIONAL and not seconds:
+                continue
             note = "summed over decode threads" if name in THREAD_STAGES else ""
             if name == "wait":
                 note = "worker idle, waiting for decoded images"
+            if name == "gpu-decode":
+                note = "JPEGs decoded and resized on the device (--decode)"
             lines.append(f"{name:<10} {seconds:>8.2f} {1000 * seconds / max(images, 1):>10.2f}"
                          f"   {note}")
         lines.append(f"{'wall':<10} {wall:>8.2f} {1000 * wall / max(images, 1):>10.2f}")

@@ -8,6 +8,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from imgfeat.decode import load_pixels, ordered_map
-from imgfeat.extractor import Extractor
+from imgfeat.decode import Encoded, load_pixels, ordered_map
+from imgfeat.device_decode import DeviceStage
+from imgfeat.extractor import Extractor, Pending
 from imgfeat.profile import OFF, StageTimes
 from imgfeat.sources import Item
 from imgfeat.store.layout import Layout
@@ -44,10 +46,22 @@ def _lower_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
 
 
+class Done:
+    """Features already in hand, in the shape of a launched batch."""
+
+    def __init__(self, features: dict[str, np.ndarray]):
+        self._features = features
+
+    def result(self) -> dict[str, np.ndarray]:
+        return self._features
+
+
 class Worker:
     def __init__(self, extractor: Extractor, layout: Layout, *, batch_size: int,
                  threads: int, max_pixels: int | None, profile: bool = False,
-                 yield_to_model: bool = False):
+                 yield_to_model: bool = False, decode: str = "cpu"):
+        """`decode`: cpu, or gpu / auto to decode all / a balancing share of the JPEGs on the
+        extractor's device (see device_decode)."""
         self.extractor = extractor
         self.times = StageTimes() if profile else OFF
         self.layout = layout
@@ -56,9 +70,19 @@ class Worker:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="imgfeat-decode",
                                         initializer=_lower_priority if yield_to_model else None)
         self._ahead = batch_size + 2 * threads  # next batch decodes while this one runs
-        self._buffer = torch.empty((batch_size, *extractor.preprocess.size, 3),
-                                   dtype=torch.uint8,
-                                   pin_memory=extractor.device.type == "cuda")
+        # On a GPU, two pinned buffers: one fills while the other's batch is in flight.
+        on_gpu = extractor.device.type == "cuda"
+        self._buffers = [torch.empty((batch_size, *extractor.preprocess.size, 3),
+                                     dtype=torch.uint8, pin_memory=on_gpu)
+                         for _ in range(2 if on_gpu else 1)]
+        self._use_buffer(0)
+        self._in_flight: tuple[list[str], int, Pending] | None = None
+        self._device = None if decode == "cpu" else DeviceStage(
+            decode, extractor.preprocess, extractor.device, max_pixels, threads)
+
+    def _use_buffer(self, number: int) -> None:
+        self._current = number
+        self._buffer = self._buffers[number]
         self._slots = self._buffer.numpy()  # a numpy view: copying into it needs no tensor
 
     def close(self) -> None:
@@ -76,6 +100,7 @@ class Worker:
             with self.times.stage("write"):
                 writer.commit()
         finally:
+            self._in_flight = None  # a failed shard's batch must not land in the next one
             writer.discard()
         return ShardResult(index, len(writer.keys), len(writer.error_keys))
 
@@ -95,15 +120,31 @@ class Worker:
                 writer.add_error(item.key, pixels)
                 errors += 1
                 continue
-            self._slots[len(keys)] = pixels
+            if isinstance(pixels, Encoded):
+                self._device.held.append((len(keys), pixels.data))
+            else:
+                self._slots[len(keys)] = pixels
             keys.append(item.key)
             if len(keys) >= self.batch_size:
                 self._flush(writer, keys, errors, progress)
                 keys, errors = [], 0
         self._flush(writer, keys, errors, progress)
+        self._land(writer, progress)
 
     def _loader(self, current):
         preprocess, max_pixels = self.extractor.preprocess, self.max_pixels
+
+        device = self._device
+        if device is not None and current is None:
+            def load(numbered: tuple[int, Item]):
+                began = time.perf_counter()
+                pixels = load_pixels(numbered[1], preprocess, max_pixels, self.times,
+                                     to_device=device.wants)
+                if not isinstance(pixels, Encoded):
+                    device.cpu_decoded(time.perf_counter() - began)
+                return pixels
+
+            return load
 
         def load(numbered: tuple[int, Item]):
             position, item = numbered
@@ -118,27 +159,58 @@ class Worker:
 
     def _flush(self, writer: ShardWriter, keys: list[str], errors: int,
                progress: Progress) -> None:
+        batch = self._buffer[:len(keys)]
+        if self._device is not None and self._device.held:
+            batch, failed = self._device.fill(batch, self.times)
+            for row, reason in failed.items():
+                writer.add_error(keys[row], reason)
+            if failed:
+                kept = [row for row in range(len(keys)) if row not in failed]
+                batch, keys = batch[kept], [keys[row] for row in kept]
+                errors += len(failed)
+        launched = None
         if keys:
             with self.times.stage("forward"):
-                features = self._forward(self._buffer[:len(keys)])
+                launched = self._launch(batch)
+        self._land(writer, progress)  # the batch before, whose pass overlapped this upload
+        self._in_flight = (keys, errors, launched)
+        self._use_buffer((self._current + 1) % len(self._buffers))
+
+    def _launch(self, batch: torch.Tensor) -> Pending:
+        try:
+            return self.extractor.launch(batch)
+        except torch.cuda.OutOfMemoryError as exc:
+            return Done(self._halved(batch, exc))
+
+    def _land(self, writer: ShardWriter, progress: Progress) -> None:
+        """Wait for the batch in flight, if any, and write its rows."""
+        if self._in_flight is None:
+            return
+        (keys, errors, launched), self._in_flight = self._in_flight, None
+        if launched is not None:
+            with self.times.stage("forward"):
+                features = launched.result()
             with self.times.stage("write"):
                 writer.add_rows(keys, features)
         progress(len(keys), errors)
 
     def _forward(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
-        """On device out-of-memory, halve the batch (for this and later batches)."""
         try:
             return self.extractor(batch)
-        except torch.cuda.OutOfMemoryError:
-            if len(batch) == 1:
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            self.batch_size = min(self.batch_size, len(batch) // 2)
-            parts, start = [], 0
-            while start < len(batch):  # the size may shrink again inside
-                step = self.batch_size
-                parts.append(self._forward(batch[start:start + step]))
-                start += step
-            return {layer: np.concatenate([part[layer] for part in parts])
-                    for layer in parts[0]}
+        except torch.cuda.OutOfMemoryError as exc:
+            return self._halved(batch, exc)
+
+    def _halved(self, batch: torch.Tensor, exc: Exception) -> dict[str, np.ndarray]:
+        """After device out-of-memory, halve the batch (for this and later batches)."""
+        if len(batch) == 1:
+            raise exc
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.batch_size = min(self.batch_size, len(batch) // 2)
+        parts, start = [], 0
+        while start < len(batch):  # the size may shrink again inside
+            step = self.batch_size
+            parts.append(self._forward(batch[start:start + step]))
+            start += step
+        return {layer: np.concatenate([part[layer] for part in parts])
+                for layer in parts[0]}

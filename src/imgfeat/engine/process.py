@@ -10,7 +10,8 @@ import sys
 import traceback
 from dataclasses import dataclass
 
-from imgfeat.devices import Placement, default_batch, resolve_device, resolve_precision
+from imgfeat.batching import auto_batch
+from imgfeat.devices import Placement, resolve_device, resolve_precision
 from imgfeat.errors import UsageError
 from imgfeat.plan import read_shard_items
 from imgfeat.sources import Item
@@ -51,7 +52,8 @@ def build_extractor(opts, device: str):
         whitening = load(opts.whiten)
     return Extractor(model, layers, preprocess, device=device_, precision=precision,
                      pool=opts.pool, l2=opts.l2, dtype=opts.dtype, gem_p=opts.gem_p,
-                     scales=tuple(opts.scales), whitening=whitening, freeze=opts.freeze)
+                     scales=tuple(opts.scales), whitening=whitening, freeze=opts.freeze,
+                     compile=opts.compile)
 
 
 def _normalisation(opts) -> tuple[tuple | None, tuple | None]:
@@ -78,6 +80,7 @@ class ShardRunner:
         import torch  # here, not at the top: the coordinator imports this module too
 
         from imgfeat.allocator import keep_freed_memory
+        from imgfeat.device_decode import resolve_decode
         from imgfeat.worker import Worker
 
         keep_freed_memory()
@@ -88,7 +91,7 @@ class ShardRunner:
             torch.cuda.set_device(placement.device)
         self.extractor = build_extractor(opts, placement.device)
         self.layout = Layout(out)
-        batch_size = opts.batch_size or default_batch(placement.device)
+        batch_size = opts.batch_size or auto_batch(self.extractor)
         threads, shares_cores = placement.decode_threads, placement.device == "cpu"
         if shares_cores:
             model_threads = cpu_model_threads(self.extractor, batch_size,
@@ -97,7 +100,8 @@ class ShardRunner:
             threads = opts.threads or cpu_decode_threads(model_threads, placement.torch_threads)
         self.worker = Worker(self.extractor, self.layout, batch_size=batch_size,
                              threads=threads, max_pixels=opts.max_pixels,
-                             profile=opts.profile, yield_to_model=shares_cores)
+                             profile=opts.profile, yield_to_model=shares_cores,
+                             decode=resolve_decode(opts.decode, self.extractor.device))
 
     def identity(self) -> dict:
         return self.extractor.identity()
