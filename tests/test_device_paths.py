@@ -172,3 +172,67 @@ def test_compile_gives_the_eager_features_and_pads_short_batches(capsys):
         assert got.shape == (count, 512)
         np.testing.assert_allclose(got, eager(pixels)["pre_logits"], rtol=1e-3, atol=1e-3)
     assert model._run.failure is None, capsys.readouterr().err
+
+
+# -- on a CUDA device (skipped elsewhere) ---------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+@cuda
+def test_nvjpeg_agrees_with_the_cpu_path(jpegs):
+    decoded = DeviceDecoder(PREPROCESS, torch.device("cuda"))(jpegs)
+    for data, pixels in zip(jpegs, decoded):
+        assert pixels.is_cuda
+        difference = np.abs(pixels.cpu().numpy().astype(int)
+                            - pixels_from_bytes(data, PREPROCESS, None).astype(int))
+        assert difference.mean() < 3
+
+
+@cuda
+@pytest.mark.parametrize("decode", ["gpu", "auto"])
+def test_gpu_runs_keep_every_image_and_match_cpu(tmp_path, mixed_corpus, decode):
+    import imgfeat
+
+    folder, _expected = mixed_corpus
+    options = dict(model="timm:resnet18", weights="random", image_size=64, progress="none",
+                   precision="fp32", dtype="float32")
+    cpu = imgfeat.extract(str(folder), tmp_path / "cpu", devices="cpu", **options)
+    gpu = imgfeat.extract(str(folder), tmp_path / "gpu", devices="cuda", decode=decode,
+                          batch_size=None, **options)
+    assert gpu.keys == cpu.keys
+    assert sorted(key for key, _ in gpu.errors) == sorted(key for key, _ in cpu.errors)
+    assert cosine_min(gpu.features(), cpu.features()) > 0.99
+
+
+@cuda
+def test_auto_batch_on_cuda_fits_and_is_large():
+    torch.manual_seed(0)
+    model = LoadedModel("test", timm.create_model("resnet18", pretrained=False), PREPROCESS,
+                        "fc")
+    extractor = Extractor(model, ["pre_logits"], PREPROCESS, device=torch.device("cuda"),
+                          precision="bf16", pool="avg", l2=False, dtype="float32")
+    size = auto_batch(extractor)
+    assert 64 <= size <= GPU_BATCH_CAP
+    extractor(torch.zeros((size, 64, 64, 3), dtype=torch.uint8))  # it does fit
+
+
+@cuda
+@pytest.mark.slow
+def test_compile_on_cuda_gives_the_eager_features():
+    def build(**options):
+        torch.manual_seed(0)
+        model = LoadedModel("test", timm.create_model("resnet18", pretrained=False),
+                            PREPROCESS, "fc")
+        return Extractor(model, ["pre_logits"], PREPROCESS, device=torch.device("cuda"),
+                         precision="bf16", pool="avg", l2=False, dtype="float32", **options)
+
+    compiled_model, eager = build(compile=True), build()
+    pixels = torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8)
+    assert cosine_min(compiled_model(pixels)["pre_logits"], eager(pixels)["pre_logits"]) > 0.99
+    assert compiled_model._run.failure is None

@@ -28,7 +28,8 @@ def auto_batch(extractor) -> int:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         try:
-            extractor(torch.zeros((count, *size, 3), dtype=torch.uint8, device=device))
+            with extractor.eagerly():  # compiled shapes are the real batches'
+                extractor(torch.zeros((count, *size, 3), dtype=torch.uint8, device=device))
         except torch.cuda.OutOfMemoryError:  # a huge model: the worker's halving takes over
             torch.cuda.empty_cache()
             return max(peaks, default=1)

@@ -49,6 +49,15 @@ class Extractor:
 
             self._run = Compiled(self._features)
 
+    @contextlib.contextmanager
+    def eagerly(self):
+        """Run the eager model side inside: for probes that must not compile other shapes."""
+        run, self._run = self._run, self._features
+        try:
+            yield self
+        finally:
+            self._run = run
+
     def _freeze(self) -> bool:
         """Swap the eager model side for a checked frozen graph where that pays: on CPU, in
         fp32 (on a GPU, kernels dominate and --compile is the tool)."""

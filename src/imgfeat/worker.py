@@ -101,6 +101,8 @@ class Worker:
                 writer.commit()
         finally:
             self._in_flight = None  # a failed shard's batch must not land in the next one
+            if self._device is not None:
+                self._device.held = []
             writer.discard()
         return ShardResult(index, len(writer.keys), len(writer.error_keys))
 
