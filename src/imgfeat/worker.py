@@ -134,27 +134,22 @@ class Worker:
         self._land(writer, progress)
 
     def _loader(self, current):
-        preprocess, max_pixels = self.extractor.preprocess, self.max_pixels
-
-        device = self._device
-        if device is not None and current is None:
-            def load(numbered: tuple[int, Item]):
-                began = time.perf_counter()
-                pixels = load_pixels(numbered[1], preprocess, max_pixels, self.times,
-                                     to_device=device.wants)
-                if not isinstance(pixels, Encoded):
-                    device.cpu_decoded(time.perf_counter() - began)
-                return pixels
-
-            return load
+        """The decode threads' function. With `current`, it names the image being decoded;
+        with device decoding, it leaves the JPEGs the device takes encoded and times the rest
+        (the device's share follows that time)."""
+        preprocess, max_pixels, device = self.extractor.preprocess, self.max_pixels, self._device
+        to_device = device.wants if device is not None and current is None else None
 
         def load(numbered: tuple[int, Item]):
             position, item = numbered
-            if current is None:
-                return load_pixels(item, preprocess, max_pixels, self.times)
-            current.value = position
-            pixels = load_pixels(item, preprocess, max_pixels, self.times)
-            current.value = -1
+            if current is not None:
+                current.value = position
+            began = time.perf_counter()
+            pixels = load_pixels(item, preprocess, max_pixels, self.times, to_device)
+            if to_device is not None and not isinstance(pixels, (Encoded, str)):
+                device.cpu_decoded(time.perf_counter() - began)
+            if current is not None:
+                current.value = -1
             return pixels
 
         return load

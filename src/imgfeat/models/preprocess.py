@@ -71,19 +71,22 @@ class Preprocess:
     def geometry(self, image: Image.Image) -> np.ndarray:
         """Resize and crop an RGB image to `size`; uint8 array of shape (H, W, 3)."""
         resample = INTERPOLATIONS[self.interpolation]
-        scale = self.scale_size
-        if self.mode == "squash":
-            image = F.resize(image, list(scale), interpolation=resample)
-        elif self.mode == "pad":
-            image = _fit_inside(image, scale, resample)
+        if self.mode == "pad":
+            image = _fit_inside(image, self.scale_size, resample)
             image = F.center_crop(image, list(self.size)) if _larger(image, self.size) else image
             return _pad_to(np.asarray(image), self.size, self.mean)
+        if self.mode == "squash":
+            target = list(self.scale_size)
         else:
-            return self._resize_crop(image)
+            target = list(self.resized_size(image.height, image.width))
+            if (pixels := self._resize_crop(image, *target)) is not None:
+                return pixels
+        image = F.resize(image, target, interpolation=resample)
         return np.asarray(F.center_crop(image, list(self.size)))
 
-    def _resize_crop(self, image: Image.Image) -> np.ndarray:
-        """Resize, then centre crop, in one resample of only the pixels the crop keeps.
+    def _resize_crop(self, image: Image.Image, height: int, width: int) -> np.ndarray | None:
+        """Resize to (height, width), then centre crop, in one resample of only the pixels
+        the crop keeps; None where the two steps must stay apart.
 
         Pillow's `box` maps the crop back onto the source at the full resize's scale, so each
         output pixel gets the filter taps it gets when the whole image is resized and then
@@ -91,13 +94,10 @@ class Preprocess:
         last bits of a float, which moves a few values by a level or two; with the nearest and
         box filters such a tie picks another source pixel, so they, and upscaling (cheap),
         keep the two-step path."""
-        height, width = self.resized_size(image.height, image.width)
         crop_h, crop_w = self.size
         if (self.interpolation in {"nearest", "box"} or height > image.height
                 or width > image.width):
-            resized = F.resize(image, [height, width], interpolation=INTERPOLATIONS[
-                self.interpolation])
-            return np.asarray(F.center_crop(resized, list(self.size)))
+            return None
         top, left = round((height - crop_h) / 2.0), round((width - crop_w) / 2.0)
         step_y, step_x = image.height / height, image.width / width
         box = (left * step_x, top * step_y, (left + crop_w) * step_x, (top + crop_h) * step_y)
