@@ -132,9 +132,9 @@ def model_ceiling(spec: str, seconds: float = 4.0) -> tuple[float, float]:
     allocator setting, which makes it a stricter ceiling than lines 2-3's own speed)."""
     import torch
 
-    from imgfeat.allocator import keep_freed_memory
-    from imgfeat.engine.process import build_extractor
+    from imgfeat.compute.build import build_extractor
     from imgfeat.options import ExtractOptions
+    from imgfeat.pipeline.host_memory import keep_freed_memory
 
     keep_freed_memory()  # the setting imgfeat's workers run with: a process-wide choice
     device, precision = device_and_precision()
@@ -168,7 +168,7 @@ def _rate(step, batch_size: int, seconds: float) -> float:
 
 def _decode_one(args) -> None:
     path, preprocess = args
-    from imgfeat.decode import load_pixels
+    from imgfeat.pipeline.decode_pool import load_pixels
     from imgfeat.sources import Item
 
     load_pixels(Item(path.name, str(path)), preprocess, None)

@@ -232,8 +232,8 @@ def test_bad_files_are_one_clear_error(tmp_path, vgg):
 
 
 def test_extract_runs_a_caffe_net_with_caffe_preprocessing(vgg, tmp_path):
-    from imgfeat.imaging import decode
     from imgfeat.models.caffe import caffe_preprocess
+    from imgfeat.pipeline.cpu_decode import decode
 
     folder, weights = vgg
     photos = photo_paths()[:3]
@@ -255,8 +255,8 @@ def test_extract_runs_a_caffe_net_with_caffe_preprocessing(vgg, tmp_path):
 
 
 def test_mean_file_and_input_scale(vgg, tmp_path):
-    from imgfeat.imaging import decode
     from imgfeat.models.caffe import caffe_preprocess
+    from imgfeat.pipeline.cpu_decode import decode
 
     folder, weights = vgg
     means = (90.0, 100.0, 110.0)  # B, G, R

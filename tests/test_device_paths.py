@@ -14,22 +14,22 @@ import torch
 from corpus import photo_paths
 from PIL import Image
 
-from imgfeat import compiled
-from imgfeat.batching import CPU_BATCH, GPU_BATCH_CAP, auto_batch, fit_batch
-from imgfeat.decode import pixels_from_bytes
-from imgfeat.device_decode import (
+from imgfeat.compute import torch_compile as compiled
+from imgfeat.compute.extractor import Extractor
+from imgfeat.errors import UsageError
+from imgfeat.models.base import LoadedModel
+from imgfeat.models.preprocess import Preprocess
+from imgfeat.pipeline.batch_size import CPU_BATCH, GPU_BATCH_CAP, auto_batch, fit_batch
+from imgfeat.pipeline.cpu_decode import pixels_from_bytes
+from imgfeat.pipeline.gpu_decode import (
     DecodeSplit,
     DeviceDecoder,
     device_decodable,
     resolve_decode,
 )
-from imgfeat.errors import UsageError
-from imgfeat.extractor import Extractor
-from imgfeat.models.base import LoadedModel
-from imgfeat.models.preprocess import Preprocess
+from imgfeat.pipeline.shard_pipeline import ShardPipeline
 from imgfeat.sources import Item
 from imgfeat.store.layout import Layout
-from imgfeat.worker import Worker
 
 PREPROCESS = Preprocess(size=(64, 64), interpolation="bicubic")
 
@@ -109,7 +109,7 @@ def extractor(**options) -> Extractor:
 def run_worker(folder: Path, items: list[Item], decode: str) -> h5py.File:
     layout = Layout(folder)
     layout.shards_dir.mkdir(parents=True)
-    worker = Worker(extractor(freeze=False), layout, batch_size=4, threads=2,
+    worker = ShardPipeline(extractor(freeze=False), layout, batch_size=4, threads=2,
                     max_pixels=10**8, decode=decode)
     try:
         worker.run_shard(0, items, lambda rows, errors: None)

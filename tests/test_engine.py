@@ -154,7 +154,8 @@ def test_one_node_alone_says_what_is_missing(many, tmp_path, capsys):
 
 
 def test_slurm_environment_gives_the_node(monkeypatch):
-    from imgfeat.run import ExtractOptions, Node
+    from imgfeat.options import ExtractOptions
+    from imgfeat.plan.nodes import Node
 
     monkeypatch.setenv("SLURM_NNODES", "4")
     monkeypatch.setenv("SLURM_NODEID", "2")
@@ -185,11 +186,11 @@ def test_incremental_extracts_only_new_files(tmp_path):
 def test_out_of_memory_halves_the_batch(tmp_path, photos, monkeypatch):
     import torch
 
-    from imgfeat.engine.process import build_extractor
-    from imgfeat.run import ExtractOptions
+    from imgfeat.compute.build import build_extractor
+    from imgfeat.options import ExtractOptions
+    from imgfeat.pipeline.shard_pipeline import ShardPipeline
     from imgfeat.sources import iter_items
     from imgfeat.store.layout import Layout
-    from imgfeat.worker import Worker
 
     extractor = build_extractor(ExtractOptions(model="timm:resnet18", weights="random",
                                                image_size=64), "cpu")
@@ -203,7 +204,7 @@ def test_out_of_memory_halves_the_batch(tmp_path, photos, monkeypatch):
         return real(self, batch)
 
     monkeypatch.setattr(extractor.__class__, "launch", small_memory)
-    worker = Worker(extractor, Layout(tmp_path), batch_size=8, threads=2, max_pixels=None)
+    worker = ShardPipeline(extractor, Layout(tmp_path), batch_size=8, threads=2, max_pixels=None)
     items = list(iter_items([str(photos)]))
     result = worker.run_shard(0, items, lambda rows, errors: None)
     worker.close()

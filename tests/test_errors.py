@@ -43,12 +43,26 @@ def test_missing_source(tmp_path):
 @pytest.mark.parametrize("spec, fragment", [
     ("timm:resnet5000", "unknown model timm:resnet5000"),
     ("torchvision:resnet5000", "unknown model torchvision:resnet5000"),
-    ("resnet50", "write it as timm:NAME, torchvision:NAME"),
+    ("resnet50", "write it as one of timm:NAME, torchvision:NAME, open_clip:"),
 ])
 def test_unknown_model(photos, tmp_path, spec, fragment):
     result = cli("extract", str(photos), "-o", str(tmp_path / "o"), "--model", spec,
                  "--weights", "random")
     assert_one_line_error(result, fragment)
+
+
+def test_model_help_names_every_kind_the_code_accepts(capsys):
+    from imgfeat.cli import main
+    from imgfeat.models import BACKENDS
+    from imgfeat.models.file_backend import KINDS
+    from imgfeat.options import MODEL_KINDS
+
+    with pytest.raises(SystemExit):
+        main(["extract", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(kind in help_text for kind in MODEL_KINDS)
+    assert all(f"{prefix}:" in help_text for prefix in BACKENDS)
+    assert all(suffix in help_text for suffix in [*KINDS, ".prototxt", ".caffemodel"])
 
 
 def test_unknown_layer_suggests_names(photos, tmp_path):

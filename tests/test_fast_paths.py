@@ -13,13 +13,13 @@ from corpus import photo_paths
 from PIL import Image
 from torchvision.transforms import functional as F
 
-from imgfeat.allocator import keep_freed_memory
-from imgfeat.engine.process import cpu_decode_threads
-from imgfeat.extractor import Extractor
-from imgfeat.imaging import decode
+from imgfeat.compute.extractor import Extractor
 from imgfeat.models.base import LoadedModel
 from imgfeat.models.preprocess import INTERPOLATIONS, Preprocess
-from imgfeat.worker import DECODE_NICENESS, Worker
+from imgfeat.pipeline.core_split import cpu_decode_threads
+from imgfeat.pipeline.cpu_decode import decode
+from imgfeat.pipeline.host_memory import keep_freed_memory
+from imgfeat.pipeline.shard_pipeline import DECODE_NICENESS, ShardPipeline
 
 
 def resize_then_crop(preprocess: Preprocess, image: Image.Image) -> np.ndarray:
@@ -103,7 +103,7 @@ def test_cpu_cores_split_between_model_and_decoding():
 @pytest.mark.parametrize("yields", [True, False])
 def test_decode_threads_yield_to_the_model_when_asked(tmp_path, yields):
     extractor = extractor_for(BatchDependent(), freeze=False)
-    worker = Worker(extractor, None, batch_size=2, threads=2, max_pixels=None,
+    worker = ShardPipeline(extractor, None, batch_size=2, threads=2, max_pixels=None,
                     yield_to_model=yields)
     try:
         mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

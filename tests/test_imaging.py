@@ -15,7 +15,7 @@ from corpus import (
 from PIL import Image
 
 from imgfeat.errors import ImageError
-from imgfeat.imaging import decode
+from imgfeat.pipeline.cpu_decode import decode
 
 
 def test_exif_orientation_is_applied():

@@ -11,7 +11,7 @@ from corpus import photo_paths
 
 import imgfeat
 import imgfeat.run
-from imgfeat.progress import Reporter
+from imgfeat.report.progress import Reporter
 from imgfeat.sources import Item
 
 OPTIONS = dict(model="timm:resnet18", weights="random", image_size=64, batch_size=2,

@@ -9,9 +9,9 @@ from conftest import FAST
 
 import imgfeat
 from imgfeat.cli import main
+from imgfeat.compute.pooling import apply_head, rmac_regions
+from imgfeat.compute.whitening import learn
 from imgfeat.errors import UsageError
-from imgfeat.head import apply_head, rmac_regions
-from imgfeat.whitening import learn
 
 rng = np.random.default_rng(0)
 
@@ -80,7 +80,7 @@ def test_spatial_pools_refuse_token_outputs():
 
 
 def test_multiscale_is_the_generalized_mean_of_unit_vectors():
-    from imgfeat.engine.process import build_extractor
+    from imgfeat.compute.build import build_extractor
     from imgfeat.options import ExtractOptions
 
     extractor = build_extractor(ExtractOptions(model="timm:resnet18", weights="random",

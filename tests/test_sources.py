@@ -3,7 +3,7 @@ import os
 import pytest
 
 from imgfeat.errors import UsageError
-from imgfeat.plan import plan_shards, read_shard_items
+from imgfeat.plan.shards import plan_shards, read_shard_items
 from imgfeat.sources import check_sources, iter_items
 from imgfeat.store.layout import Layout
 

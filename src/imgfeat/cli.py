@@ -8,13 +8,14 @@ import os
 import sys
 from collections import Counter
 
-from imgfeat.devices import DEVICE_HELP
+from imgfeat.engine.placement import DEVICE_HELP
 from imgfeat.errors import ImgfeatError, UsageError
 from imgfeat.options import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL,
     DEFAULT_SHARD_SIZE,
     INTERPOLATIONS,
+    MODEL_KINDS,
     POOLS,
     PRECISIONS,
     RESIZE_MODES,
@@ -84,8 +85,8 @@ def _add_extract(commands) -> None:
                    help="folder of images (recursive), list file of paths, or image file")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=DEFAULT_MODEL, help=f"timm:NAME or torchvision:NAME "
-                   f"(default {DEFAULT_MODEL})")
+    m.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"{', '.join(MODEL_KINDS)} (default {DEFAULT_MODEL})")
     m.add_argument("--weights", default="pretrained",
                    help="pretrained (download), random (no network), or PATH to a state dict")
     m.add_argument("--layer", action="append",
@@ -187,9 +188,9 @@ def run_export(args: argparse.Namespace) -> int:
 def run_whiten(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from imgfeat.compute.whitening import learn
     from imgfeat.store.derive import derive_store
     from imgfeat.store.reader import Store
-    from imgfeat.whitening import learn
 
     dest = args.dest or f"{str(args.out).rstrip('/')}-whitened-{args.dim}"
     with Store(args.out) as store:

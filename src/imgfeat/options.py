@@ -9,6 +9,12 @@ from dataclasses import dataclass
 from imgfeat.errors import UsageError
 
 DEFAULT_MODEL = "timm:resnet50"
+# Every kind of model spec imgfeat.models accepts; kept here, free of torch, for the CLI's help.
+MODEL_KINDS = (
+    "timm:NAME", "torchvision:NAME", "open_clip:ARCH/PRETRAINED", "hf:REPO_OR_FOLDER",
+    "a Caffe deploy .prototxt (weights: .caffemodel)", "TorchScript .pt/.torchscript",
+    "torch.export .pt2", "ONNX .onnx",
+)
 DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own bomb threshold: a 2 GB RGBA image
 POOLS = ("avg", "max", "gem", "spoc", "mac", "rmac", "none")
@@ -48,7 +54,7 @@ class ExtractOptions:
     mean_pixel: tuple[float, float, float] | None = None  # 0-255, the model's channel order
     mean_file: str | None = None  # Caffe .binaryproto mean image
     input_scale: float | None = None
-    batch_size: int | None = None  # None: auto (see batching.auto_batch)
+    batch_size: int | None = None  # None: auto (see pipeline.batch_size)
     devices: str = "auto"
     precision: str = "auto"
     decode: str = "auto"  # JPEGs: cpu, gpu (nvJPEG), or auto: both, balanced (cpu without GPU)

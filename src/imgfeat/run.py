@@ -6,17 +6,18 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
-from imgfeat.devices import parse_devices, place_workers
 from imgfeat.engine.local import LocalEngine, Outcome
+from imgfeat.engine.placement import parse_devices, place_workers
 from imgfeat.errors import ImgfeatError, UsageError
-from imgfeat.feed import FixedFeed, FollowerFeed, NodeSlice, PlannerFeed
 from imgfeat.options import ExtractOptions
-from imgfeat.plan import Shard, plan_shards, recorded_shards
-from imgfeat.profile import StageTimes
-from imgfeat.progress import Reporter
+from imgfeat.plan.nodes import Node, NodeSlice
+from imgfeat.plan.shard_stream import FixedStream, FollowerStream, PlannerStream
+from imgfeat.plan.shards import Shard, plan_shards, recorded_shards
+from imgfeat.report.progress import Reporter
+from imgfeat.report.stage_times import StageTimes
 from imgfeat.sources import check_sources, iter_items
 from imgfeat.store.layout import Layout, remove_temps_of
 from imgfeat.store.manifest import (
@@ -34,25 +35,6 @@ NODE_WAIT_S = float(os.environ.get("IMGFEAT_NODE_WAIT_S", "600"))
 
 class RunIncomplete(ImgfeatError):
     """Some shards could not be extracted; what was committed is kept."""
-
-
-@dataclass(frozen=True)
-class Node:
-    """This machine's place among several that share one output folder."""
-
-    count: int = 1
-    rank: int = 0
-
-    @classmethod
-    def of(cls, opts: ExtractOptions) -> Node:
-        env = os.environ
-        count = opts.num_nodes or (int(env.get("SLURM_NNODES", 1)) if "SLURM_NODEID" in env
-                                   else 1)
-        rank = opts.node_rank if opts.node_rank is not None else \
-            (int(env.get("SLURM_NODEID", 0)) if count > 1 else 0)
-        if not 0 <= rank < count:
-            raise UsageError(f"--node-rank must be in 0..{count - 1}, got {rank}")
-        return cls(count, rank)
 
 
 def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
@@ -144,45 +126,45 @@ def _extract(engine: LocalEngine, layout: Layout, manifest: dict, sources: list[
     plan = manifest["plan"]
     committed = layout.committed()
     if plan["complete"] and not opts.incremental:
-        feed = FixedFeed([Shard(i, n) for i, n in enumerate(plan["shards"])])
+        stream = FixedStream([Shard(i, n) for i, n in enumerate(plan["shards"])])
     elif node.rank > 0:
-        feed = FollowerFeed(layout)
+        stream = FollowerStream(layout)
     else:
         layout.plan_dir.mkdir(parents=True, exist_ok=True)
         recorded = recorded_shards(layout)
         planner = plan_shards(iter_items(sources), layout, opts.shard_size,
                               recorded, skip_known=plan["complete"])
-        feed = PlannerFeed(planner, known=recorded if plan["complete"] else ())
-    watched = _Watched(NodeSlice(feed, node.count, node.rank), committed, reporter,
+        stream = PlannerStream(planner, known=recorded if plan["complete"] else ())
+    watched = _Watched(NodeSlice(stream, node.count, node.rank), committed, reporter,
                        lambda shards: _plan_complete(layout, manifest, shards, node))
     reporter.start(total=None)
     try:
         return engine.run(watched, reporter, committed)
     finally:
-        if isinstance(feed, PlannerFeed):
-            feed.stop()
+        if isinstance(stream, PlannerStream):
+            stream.stop()
 
 
 class _Watched:
-    """A feed that tells the reporter about skipped shards and the total, and records the
+    """A stream that tells the reporter about skipped shards and the total, and records the
     plan as complete the moment the planner finishes."""
 
-    def __init__(self, feed: NodeSlice, committed: set[int], reporter: Reporter, on_complete):
-        self._feed, self._committed, self._reporter = feed, committed, reporter
+    def __init__(self, stream: NodeSlice, committed: set[int], reporter: Reporter, on_complete):
+        self._stream, self._committed, self._reporter = stream, committed, reporter
         self._on_complete = on_complete
         self._mine = 0
         self.finished = False
 
     def poll(self) -> list[Shard]:
-        shards = self._feed.poll()
+        shards = self._stream.poll()
         for shard in shards:
             self._mine += shard.count
             if shard.index in self._committed:
                 self._reporter.skip(shard.count)
-        if self._feed.finished and not self.finished:
+        if self._stream.finished and not self.finished:
             self.finished = True
             self._reporter.set_total(self._mine)
-            self._on_complete(self._feed.shards)
+            self._on_complete(self._stream.shards)
         return shards
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imgfeat.devices import autocast_dtype
+from imgfeat.compute.device import autocast_dtype
+from imgfeat.compute.pooling import apply_head
+from imgfeat.compute.whitening import Whitening
 from imgfeat.errors import UsageError
-from imgfeat.head import apply_head
 from imgfeat.models import LoadedModel
 from imgfeat.models.layers import Tap
 from imgfeat.models.preprocess import Preprocess
-from imgfeat.whitening import Whitening
 
 
 class Extractor:
@@ -45,7 +45,7 @@ class Extractor:
         self._run = self._features
         self.frozen = freeze and not compile and self._freeze()
         if compile:
-            from imgfeat.compiled import Compiled
+            from imgfeat.compute.torch_compile import Compiled
 
             self._run = Compiled(self._features)
 
@@ -63,7 +63,7 @@ class Extractor:
         fp32 (on a GPU, kernels dominate and --compile is the tool)."""
         if self.device.type != "cpu" or autocast_dtype(self.precision) is not None:
             return False
-        from imgfeat.freeze import freeze
+        from imgfeat.compute.torchscript import freeze
 
         generator = torch.Generator().manual_seed(0)
         example, check = (self._to_input(torch.randint(

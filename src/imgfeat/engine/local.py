@@ -13,11 +13,12 @@ import signal
 from collections import deque
 from dataclasses import dataclass, field
 
-from imgfeat.devices import Placement
-from imgfeat.engine.process import Task, worker_main
+from imgfeat.engine.placement import Placement
 from imgfeat.engine.retry import RetryPolicy
+from imgfeat.engine.worker_process import worker_process_main
 from imgfeat.errors import ImgfeatError, UsageError
-from imgfeat.progress import Reporter
+from imgfeat.pipeline.device_worker import Task
+from imgfeat.report.progress import Reporter
 from imgfeat.store.layout import Layout, remove_temps_of
 
 MAX_START_FAILURES = 3  # deaths of one device's worker before it is ready
@@ -69,7 +70,7 @@ class LocalEngine:
         tasks = self._ctx.Queue()
         current = self._ctx.Value("q", -1, lock=False)
         process = self._ctx.Process(
-            target=worker_main, name=f"imgfeat-worker-{number}", daemon=True,
+            target=worker_process_main, name=f"imgfeat-worker-{number}", daemon=True,
             args=(number, placement, self._options, self._out, tasks, self._results, current))
         process.start()
         self._pids.append(process.pid)
@@ -108,14 +109,14 @@ class LocalEngine:
 
     # -- the run ---------------------------------------------------------------------------
 
-    def run(self, feed, reporter: Reporter, skip: set[int]) -> Outcome:
-        """Extract every shard `feed` yields that is not in `skip`."""
+    def run(self, stream, reporter: Reporter, skip: set[int]) -> Outcome:
+        """Extract every shard `stream` yields that is not in `skip`."""
         waiting: deque[Task] = deque()
         while True:
-            waiting.extend(Task(s.index) for s in feed.poll() if s.index not in skip)
+            waiting.extend(Task(s.index) for s in stream.poll() if s.index not in skip)
             self._dispatch(waiting)
             busy = any(slot.task for slot in self._slots)
-            if not busy and not waiting and feed.finished:
+            if not busy and not waiting and stream.finished:
                 return self.outcome
             if not any(not slot.retired for slot in self._slots):
                 raise ImgfeatError("every worker failed to start; see the messages above")

@@ -14,12 +14,12 @@ import time
 from collections import deque
 from pathlib import Path
 
-from imgfeat.devices import Placement
 from imgfeat.engine.local import Outcome
-from imgfeat.engine.process import Task
+from imgfeat.engine.placement import Placement
 from imgfeat.engine.retry import RetryPolicy
 from imgfeat.errors import ImgfeatError, UsageError
-from imgfeat.progress import Reporter
+from imgfeat.pipeline.device_worker import Task
+from imgfeat.report.progress import Reporter
 
 INSTALL_HINT = "the Ray engine needs Ray: pip install 'imgfeat[ray]'"
 POLL_S = 0.2
@@ -76,12 +76,12 @@ def ray_placements(ray, devices: str, threads: int | None) -> list[Placement]:
 def _actor_class(ray):
     @ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=2)
     class ImgfeatWorker:
-        """A ShardRunner in an actor; `progress` answers while `run` works (two threads)."""
+        """A DeviceWorker in an actor; `progress` answers while `run` works (two threads)."""
 
         def __init__(self, placement: Placement, opts, out: str):
-            from imgfeat.engine.process import ShardRunner
+            from imgfeat.pipeline.device_worker import DeviceWorker
 
-            self.runner = ShardRunner(placement, opts, out)
+            self.runner = DeviceWorker(placement, opts, out)
             self.counts = [0, 0]
 
         def identity(self) -> dict:
@@ -156,14 +156,14 @@ class RayEngine:
         if self._started_ray:
             self._ray.shutdown()
 
-    def run(self, feed, reporter: Reporter, skip: set[int]) -> Outcome:
+    def run(self, stream, reporter: Reporter, skip: set[int]) -> Outcome:
         waiting: deque[Task] = deque()
         next_progress = time.monotonic() + PROGRESS_EVERY_S
         while True:
-            waiting.extend(Task(s.index) for s in feed.poll() if s.index not in skip)
+            waiting.extend(Task(s.index) for s in stream.poll() if s.index not in skip)
             self._dispatch(waiting)
             busy = [a for a in self._actors if a.task is not None]
-            if not busy and not waiting and feed.finished:
+            if not busy and not waiting and stream.finished:
                 return self.outcome
             ready, _ = self._ray.wait([a.ref for a in busy], num_returns=1, timeout=POLL_S) \
                 if busy else ([], [])

@@ -4,7 +4,7 @@ that keeps failing with no image to blame."""
 
 from __future__ import annotations
 
-from imgfeat.engine.process import Task
+from imgfeat.pipeline.device_worker import Task
 
 MAX_ATTEMPTS = 3  # deaths on one shard with no image to blame
 

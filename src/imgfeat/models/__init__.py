@@ -1,4 +1,5 @@
-"""Model specs resolve to a module plus its preprocessing: `timm:NAME`, `torchvision:NAME`."""
+"""Model specs resolve to a module plus its preprocessing. Every kind the code accepts is in
+`MODEL_KINDS`, which the command line's help and the error for an unknown spec both show."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from imgfeat.models import (
 from imgfeat.models.base import LoadedModel
 from imgfeat.models.preprocess import Preprocess
 from imgfeat.models.weights import file_sha256, state_digest
-from imgfeat.options import DEFAULT_MODEL
+from imgfeat.options import DEFAULT_MODEL, MODEL_KINDS
 
 BACKENDS = {"timm": timm_backend.load, "torchvision": torchvision_backend.load,
             "open_clip": openclip_backend.load, "hf": hf_backend.load}
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "Preprocess", "load_model"]
+__all__ = ["DEFAULT_MODEL", "MODEL_KINDS", "LoadedModel", "Preprocess", "load_model"]
 
 
 def load_model(spec: str, weights: str = "pretrained") -> LoadedModel:
@@ -34,12 +35,8 @@ def load_model(spec: str, weights: str = "pretrained") -> LoadedModel:
         return loaded
     prefix, sep, name = spec.partition(":")
     if not sep or prefix not in BACKENDS or not name:
-        raise UsageError(
-            f"unknown model spec {spec!r}: write it as "
-            + ", ".join(f"{p}:NAME" for p in BACKENDS)
-            + ", a model file (.pt TorchScript, .pt2 torch.export, .onnx) or a Caffe "
-            "deploy .prototxt, e.g. timm:resnet50"
-        )
+        raise UsageError(f"unknown model spec {spec!r}: write it as one of "
+                         f"{', '.join(MODEL_KINDS)}; e.g. timm:resnet50")
     loaded = BACKENDS[prefix](name, weights)
     loaded.weights = _describe_weights(loaded, weights)
     return loaded

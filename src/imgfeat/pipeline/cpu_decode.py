@@ -1,4 +1,5 @@
-"""Bytes in, an 8-bit RGB Pillow image out, or one `ImageError` with a readable reason.
+"""CPU decoding: bytes in, an 8-bit RGB Pillow image out, or one `ImageError` with a readable
+reason; and from there the model-sized pixels (`pixels_from_bytes`).
 
 Decoding never guesses: a truncated file is an error, not a half-grey picture, and pixel
 formats with no defined 8-bit range (32-bit integer or float) are refused rather than clipped.
@@ -13,7 +14,9 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from imgfeat.errors import ImageError
+from imgfeat.models.preprocess import Preprocess
 from imgfeat.options import DEFAULT_MAX_PIXELS
+from imgfeat.report.stage_times import OFF
 
 # Our own limit replaces Pillow's; a global warning filter would hide it from users' code.
 Image.MAX_IMAGE_PIXELS = None
@@ -91,3 +94,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
             "have no defined 8-bit range"
         )
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def pixels_from_bytes(data: bytes, preprocess: Preprocess, max_pixels: int | None,
+                      times=OFF) -> np.ndarray | str:
+    """Decode and shape one encoded image on the CPU, or say why it cannot be."""
+    try:
+        with times.stage("decode"):
+            image = decode(data, max_pixels, preprocess.draft_side)
+        with times.stage("preprocess"):
+            return preprocess.geometry(image)
+    except ImageError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror or exc}"
+    except Exception as exc:  # a decoder bug must cost one image, never the run
+        return f"decoder failed: {type(exc).__name__}: {exc}"

@@ -1,5 +1,6 @@
-"""The decode pool: reads, decodes and shapes images on threads (Pillow releases the GIL),
-in order, with a bounded number in flight so memory does not grow with the shard."""
+"""The decode pool: reads each item's bytes and decodes and shapes them on threads (Pillow
+releases the GIL), in order, with a bounded number in flight so memory does not grow with the
+shard; JPEGs that the GPU decoder takes are left encoded for it."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ from typing import TypeVar
 
 import numpy as np
 
-from imgfeat.errors import ImageError
-from imgfeat.imaging import decode
 from imgfeat.models.preprocess import Preprocess
-from imgfeat.profile import OFF
+from imgfeat.pipeline.cpu_decode import pixels_from_bytes
+from imgfeat.report.stage_times import OFF
 from imgfeat.sources import Item
 
 T = TypeVar("T")
@@ -51,22 +51,6 @@ def load_pixels(item: Item, preprocess: Preprocess, max_pixels: int | None,
     if to_device is not None and to_device(data):
         return Encoded(data)
     return pixels_from_bytes(data, preprocess, max_pixels, times)
-
-
-def pixels_from_bytes(data: bytes, preprocess: Preprocess, max_pixels: int | None,
-                      times=OFF) -> np.ndarray | str:
-    """Decode and shape one encoded image on the CPU, or say why it cannot be."""
-    try:
-        with times.stage("decode"):
-            image = decode(data, max_pixels, preprocess.draft_side)
-        with times.stage("preprocess"):
-            return preprocess.geometry(image)
-    except ImageError as exc:
-        return str(exc)
-    except OSError as exc:
-        return f"cannot read file: {exc.strerror or exc}"
-    except Exception as exc:  # a decoder bug must cost one image, never the run
-        return f"decoder failed: {type(exc).__name__}: {exc}"
 
 
 def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T],

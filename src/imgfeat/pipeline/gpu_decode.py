@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imgfeat.decode import pixels_from_bytes
 from imgfeat.errors import UsageError
 from imgfeat.models.preprocess import Preprocess
+from imgfeat.pipeline.cpu_decode import pixels_from_bytes
 
 # torchvision 0.29 announces that TorchCodec will take over its image decoders; until then
 # its decode_jpeg is the batched nvJPEG entry point, and the notice is not the user's concern.

@@ -1,6 +1,6 @@
-"""A worker owns one device: for each shard it decodes images in a bounded pool, batches them,
-runs the extractor and writes one shard file. It knows nothing of other workers, so an engine
-can run one per device."""
+"""The shard pipeline of one device: for each shard it decodes images in a bounded pool,
+batches them, runs the extractor and writes one shard file. It knows nothing of other workers,
+so an engine can run one per device."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from imgfeat.decode import Encoded, load_pixels, ordered_map
-from imgfeat.device_decode import DeviceStage
-from imgfeat.extractor import Extractor, Pending
-from imgfeat.profile import OFF, StageTimes
+from imgfeat.compute.extractor import Extractor, Pending
+from imgfeat.pipeline.decode_pool import Encoded, load_pixels, ordered_map
+from imgfeat.pipeline.gpu_decode import DeviceStage
+from imgfeat.report.stage_times import OFF, StageTimes
 from imgfeat.sources import Item
 from imgfeat.store.layout import Layout
 from imgfeat.store.writer import ShardWriter
@@ -56,12 +56,12 @@ class Done:
         return self._features
 
 
-class Worker:
+class ShardPipeline:
     def __init__(self, extractor: Extractor, layout: Layout, *, batch_size: int,
                  threads: int, max_pixels: int | None, profile: bool = False,
                  yield_to_model: bool = False, decode: str = "cpu"):
         """`decode`: cpu, or gpu / auto to decode all / a balancing share of the JPEGs on the
-        extractor's device (see device_decode)."""
+        extractor's device (see pipeline.gpu_decode)."""
         self.extractor = extractor
         self.times = StageTimes() if profile else OFF
         self.layout = layout

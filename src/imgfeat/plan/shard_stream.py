@@ -1,6 +1,6 @@
-"""Feeds tell an engine which shards exist so far: a finished plan, a planner still walking
-the sources on a thread, or (on nodes other than the first) the plan files another node
-writes. An engine polls a feed; it never waits on a listing."""
+"""Shard streams tell an engine which shards exist so far: a finished plan, a planner still
+walking the sources on a thread, or (on nodes other than the first) the plan files another
+node writes. An engine polls a stream; it never waits on a listing."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import queue
 import threading
 from collections.abc import Iterator
 
-from imgfeat.plan import Shard, read_shard_items
+from imgfeat.plan.shards import Shard, read_shard_items
 from imgfeat.store.layout import Layout
 from imgfeat.store.manifest import read_manifest
 
 
-class FixedFeed:
+class FixedStream:
     """A plan recorded in full."""
 
     def __init__(self, shards: list[Shard]):
@@ -26,7 +26,7 @@ class FixedFeed:
         return pending
 
 
-class PlannerFeed:
+class PlannerStream:
     """Shards as a planner thread writes them, so extraction starts before listing ends."""
 
     def __init__(self, planner: Iterator[Shard], known: list[Shard] = ()):
@@ -72,7 +72,7 @@ class PlannerFeed:
         return found
 
 
-class FollowerFeed:
+class FollowerStream:
     """The plan as another node writes it: plan files appear one by one, and the manifest
     says when the plan is complete."""
 
@@ -95,21 +95,3 @@ class FollowerFeed:
             found.append(shard)
         self.finished = self._total is not None and len(self.shards) >= self._total
         return found
-
-
-class NodeSlice:
-    """This node's part of a feed when several machines share one plan: every N-th shard."""
-
-    def __init__(self, feed, num_nodes: int, rank: int):
-        self._feed, self._num_nodes, self._rank = feed, num_nodes, rank
-
-    @property
-    def finished(self) -> bool:
-        return self._feed.finished
-
-    @property
-    def shards(self) -> list[Shard]:
-        return self._feed.shards
-
-    def poll(self) -> list[Shard]:
-        return [s for s in self._feed.poll() if s.index % self._num_nodes == self._rank]

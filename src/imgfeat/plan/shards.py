@@ -9,13 +9,12 @@ than a set of every key.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 
 from imgfeat.errors import UsageError
+from imgfeat.plan.key_index import KeyIndex
 from imgfeat.sources import Item
 from imgfeat.store.layout import Layout, write_atomic
 
@@ -48,33 +47,6 @@ def recorded_shards(layout: Layout) -> list[Shard]:
     while layout.plan_file(len(shards)).exists():
         shards.append(Shard(len(shards), len(read_shard_items(layout, len(shards)))))
     return shards
-
-
-class KeyIndex:
-    """Every key planned so far, on disk, so that a duplicate is found in bounded memory."""
-
-    def __init__(self, path: Path):
-        self._db = sqlite3.connect(path)
-        self._db.execute("CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY) WITHOUT ROWID")
-
-    def add_new(self, keys: list[str]) -> list[bool]:
-        """Record keys; True for each one not seen before (in this batch or earlier)."""
-        fresh = []
-        for key in keys:
-            cursor = self._db.execute("INSERT OR IGNORE INTO keys VALUES (?)", (key,))
-            fresh.append(cursor.rowcount == 1)
-        return fresh
-
-    def contains(self, key: str) -> bool:
-        return self._db.execute("SELECT 1 FROM keys WHERE key = ?", (key,)).fetchone() \
-            is not None
-
-    def commit(self) -> None:
-        self._db.commit()
-
-    def close(self) -> None:
-        self._db.commit()
-        self._db.close()
 
 
 def plan_shards(

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from imgfeat.errors import UsageError
-from imgfeat.progress import Reporter
+from imgfeat.report.progress import Reporter
 from imgfeat.store.layout import commit, fsync_folder, temp_path
 from imgfeat.store.reader import Store
 from imgfeat.store.writer import STRING

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import h5py
 
-from imgfeat.plan import read_shard_items
+from imgfeat.plan.shards import read_shard_items
 from imgfeat.store.layout import feature_datasets
 from imgfeat.store.reader import Store
 

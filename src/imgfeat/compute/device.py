@@ -1,0 +1,46 @@
+"""The torch device a worker's model runs on, and the numeric precision it computes in."""
+
+from __future__ import annotations
+
+from imgfeat.errors import UsageError
+from imgfeat.options import PRECISIONS
+
+
+def resolve_device(spec: str):
+    """One torch device from `auto`, `cpu`, `cuda` or `cuda:N`."""
+    import torch
+
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--devices {spec}: no CUDA device is visible "
+                             "(use --devices cpu or auto)")
+        index = spec.partition(":")[2] or "0"
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise UsageError(f"--devices {spec}: there are {torch.cuda.device_count()} "
+                             "CUDA devices (cuda:0 ...)")
+        return torch.device(f"cuda:{index}")
+    raise UsageError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
+
+
+def resolve_precision(precision: str, device) -> str:
+    """`auto` is bf16 on GPUs that have it, else fp16 on GPU, and fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast_dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

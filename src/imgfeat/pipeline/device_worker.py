@@ -1,0 +1,76 @@
+"""A device's worker, what both engines run: pinned to its device and cores, it loads the
+model once, sizes batches and decode threads, and then runs one shard task at a time."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from imgfeat.engine.placement import Placement
+from imgfeat.plan.shards import read_shard_items
+from imgfeat.sources import Item
+from imgfeat.store.layout import Layout
+
+
+@dataclass(frozen=True)
+class Task:
+    """One shard to extract. `careful`: decode one image at a time and say which; `excluded`:
+    positions already known to kill workers, recorded as errors instead of decoded."""
+
+    index: int
+    careful: bool = False
+    excluded: tuple[tuple[int, str], ...] = ()
+
+
+class DeviceWorker:
+    """One worker's model and pipeline, pinned to its device: what both engines run."""
+
+    def __init__(self, placement: Placement, opts, out: str):
+        import torch  # here, not at the top: the coordinator imports this module too
+
+        from imgfeat.compute.build import build_extractor
+        from imgfeat.pipeline.batch_size import auto_batch
+        from imgfeat.pipeline.core_split import cpu_decode_threads, cpu_model_threads
+        from imgfeat.pipeline.gpu_decode import resolve_decode
+        from imgfeat.pipeline.host_memory import keep_freed_memory
+        from imgfeat.pipeline.shard_pipeline import ShardPipeline
+
+        keep_freed_memory()
+        if placement.cpus and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, placement.cpus)
+        torch.set_num_threads(placement.torch_threads)
+        if placement.device.startswith("cuda"):
+            torch.cuda.set_device(placement.device)
+        self.extractor = build_extractor(opts, placement.device)
+        self.layout = Layout(out)
+        batch_size = opts.batch_size or auto_batch(self.extractor)
+        threads, shares_cores = placement.decode_threads, placement.device == "cpu"
+        if shares_cores:
+            model_threads = cpu_model_threads(self.extractor, batch_size,
+                                              placement.torch_threads)
+            torch.set_num_threads(model_threads)
+            threads = opts.threads or cpu_decode_threads(model_threads, placement.torch_threads)
+        self.pipeline = ShardPipeline(self.extractor, self.layout, batch_size=batch_size,
+                             threads=threads, max_pixels=opts.max_pixels,
+                             profile=opts.profile, yield_to_model=shares_cores,
+                             decode=resolve_decode(opts.decode, self.extractor.device))
+
+    def identity(self) -> dict:
+        return self.extractor.identity()
+
+    def run(self, task: Task, progress, current=None) -> tuple:
+        """(index, rows, errors, seconds per stage or None) of one committed shard."""
+        items = _with_exclusions(read_shard_items(self.layout, task.index), task.excluded)
+        result = self.pipeline.run_shard(task.index, items, progress,
+                                       current=current if task.careful else None)
+        return (result.index, result.rows, result.errors,
+                getattr(self.pipeline.times, "seconds", None))
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+
+def _with_exclusions(items: list[Item], excluded) -> list[Item]:
+    for position, reason in excluded:
+        items[position] = Item(items[position].key, None, reason)
+    return items

@@ -1,0 +1,34 @@
+"""The key index: every key planned so far, in SQLite beside the plan files, so that planning
+finds a duplicate key in bounded memory."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+
+class KeyIndex:
+    """Every key planned so far, on disk, so that a duplicate is found in bounded memory."""
+
+    def __init__(self, path: Path):
+        self._db = sqlite3.connect(path)
+        self._db.execute("CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY) WITHOUT ROWID")
+
+    def add_new(self, keys: list[str]) -> list[bool]:
+        """Record keys; True for each one not seen before (in this batch or earlier)."""
+        fresh = []
+        for key in keys:
+            cursor = self._db.execute("INSERT OR IGNORE INTO keys VALUES (?)", (key,))
+            fresh.append(cursor.rowcount == 1)
+        return fresh
+
+    def contains(self, key: str) -> bool:
+        return self._db.execute("SELECT 1 FROM keys WHERE key = ?", (key,)).fetchone() \
+            is not None
+
+    def commit(self) -> None:
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.commit()
+        self._db.close()
