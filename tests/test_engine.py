@@ -111,24 +111,6 @@ def test_worker_killed_by_an_image_is_replaced_and_the_image_recorded(many, refe
                                   np.asarray(ref.features())[[k != poison for k in ref.keys]])
 
 
-def test_sigint_stops_cleanly_and_rerun_completes(many, reference_160, tmp_path):
-    out = tmp_path / "out"
-    process = start(many, out, "--devices", "cpu:2")
-    wait_for(lambda: committed(out) >= 1, process)
-    began = time.monotonic()
-    os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
-    code = process.wait(timeout=30)
-    stopped_in = time.monotonic() - began
-    err = process.stderr.read()
-    assert code == 130 and "run the same command again to resume" in err
-    assert "Traceback" not in err
-    assert stopped_in < 10
-    assert imgfeat.open_store(out).missing_shards or not imgfeat.open_store(out).complete
-    rerun = start(many, out, "--devices", "cpu:2")
-    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
-    assert_same_store(reference_160, out)
-
-
 def test_two_nodes_into_one_folder_equal_one_run(many, reference, tmp_path):
     out = tmp_path / "shared"
     nodes = [subprocess.Popen(

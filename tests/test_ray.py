@@ -129,6 +129,24 @@ def test_driver_killed_mid_run_then_rerun_resumes(many, local_store, cluster, tm
     assert {name: after[name] for name in kept} == kept
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("faults, code", [("plan:2=kill", -9), ("manifest:2=int", 130)])
+def test_driver_stopped_at_an_instant_then_rerun(many, local_store, cluster, tmp_path, faults,
+                                                 code):
+    """Fault points (see tests/test_resume.py) in the driver: during planning, and the moment
+    the plan is recorded complete."""
+    out = tmp_path / "ray"
+    command = [sys.executable, "-m", "imgfeat", *ray_args(many, out, cluster)]
+    first = subprocess.run(command, env={**os.environ, "IMGFEAT_TEST_FAULTS": faults},
+                           capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert first.returncode == code, first.stderr
+    assert "done:" not in first.stderr and not imgfeat.open_store(out).complete
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_store(local_store, out)
+    assert main(["verify", str(out)]) == 0
+
+
 def test_without_ray_the_error_says_how_to_install(monkeypatch):
     from imgfeat.engine import ray_engine
 

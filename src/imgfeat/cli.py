@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check every shard against the manifest and plan")
     verify.add_argument("out", metavar="OUT")
     verify.set_defaults(handler=run_verify)
+    finalize = commands.add_parser(
+        "finalize", help="write features.h5 of a store whose shards are all committed")
+    finalize.add_argument("out", metavar="OUT")
+    finalize.set_defaults(handler=run_finalize)
     layers = commands.add_parser("layers", help="the layer names that --layer accepts")
     layers.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL)
     layers.set_defaults(handler=run_layers)
@@ -235,6 +239,16 @@ def run_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_finalize(args: argparse.Namespace) -> int:
+    from imgfeat.store.reader import Store
+    from imgfeat.store.virtual import finalize
+
+    with Store(args.out) as store:
+        finalize(store)
+        print(f"{args.out}: {store.layout.features.name} written over {len(store.shards)} shards")
+    return 0
+
+
 def run_info(args: argparse.Namespace) -> int:
     from imgfeat.store.reader import Store
 
@@ -244,6 +258,8 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def describe(store) -> str:
+    from imgfeat.store.reader import ranges
+
     m = store.manifest
     planned = store.planned_shards
     lines = [
@@ -262,8 +278,10 @@ def describe(store) -> str:
         f"shards     {len(store.shards)} committed of "
         f"{planned if planned is not None else '? (plan not finished)'}",
     ]
+    for problem in store.plan_problems:
+        lines.append(f"plan       {problem}: run the same extract command again to repair it")
     if store.missing_shards:
-        lines.append(f"missing    shards {_ranges(store.missing_shards)}: "
+        lines.append(f"missing    shards {ranges(store.missing_shards)}: "
                      "run the same extract command again to finish")
     if store.errors:
         lines.append("errors by reason:")
@@ -291,15 +309,6 @@ def _scales(text: str) -> tuple[float, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"write scales as numbers separated by commas, "
                                          f"e.g. 1,0.707,0.5 (got {text!r})") from None
-
-
-def _ranges(indices: list[int]) -> str:
-    spans, start = [], indices[0]
-    for prev, cur in zip(indices, indices[1:] + [None]):
-        if cur != prev + 1:
-            spans.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = cur
-    return ", ".join(spans)
 
 
 def run_layers(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from imgfeat.plan.shards import Shard, plan_shards, recorded_shards
 from imgfeat.report.progress import Reporter
 from imgfeat.report.stage_times import StageTimes
 from imgfeat.sources import check_sources, iter_items
-from imgfeat.store.layout import Layout, remove_temps_of
+from imgfeat.store.layout import TEMP_MARK, Layout, remove_temps_of
 from imgfeat.store.manifest import (
     FORMAT,
     identity_conflicts,
@@ -94,7 +94,7 @@ def _open_output(layout: Layout, identity: dict, opts: ExtractOptions, node: Nod
         return recorded
     if opts.overwrite:
         layout.remove_own()
-    elif layout.root.is_dir() and any(layout.root.iterdir()):
+    elif _holds_anything(layout):
         raise UsageError(f"output folder {layout.root} is not empty and holds no imgfeat store; "
                          "choose a new or empty folder")
     manifest = {"format": FORMAT, **identity, "software": software_versions(),
@@ -102,6 +102,15 @@ def _open_output(layout: Layout, identity: dict, opts: ExtractOptions, node: Nod
                 "plan": {"complete": False, "shards": []}}
     write_manifest(layout, manifest)
     return manifest
+
+
+def _holds_anything(layout: Layout) -> bool:
+    """Whether the folder holds anything but what a run killed before its first manifest left
+    (temporary files of dead processes, which are removed)."""
+    if not layout.root.is_dir():
+        return False
+    remove_temps_of(layout)
+    return any(TEMP_MARK not in path.name for path in layout.root.iterdir())
 
 
 def _wait_for_manifest(layout: Layout, identity: dict, overwrite: bool) -> dict:
@@ -123,18 +132,8 @@ def _wait_for_manifest(layout: Layout, identity: dict, overwrite: bool) -> dict:
 
 def _extract(engine: LocalEngine, layout: Layout, manifest: dict, sources: list[str],
              opts: ExtractOptions, node: Node, reporter: Reporter) -> Outcome:
-    plan = manifest["plan"]
+    stream = _shard_stream(layout, manifest, sources, opts, node)
     committed = layout.committed()
-    if plan["complete"] and not opts.incremental:
-        stream = FixedStream([Shard(i, n) for i, n in enumerate(plan["shards"])])
-    elif node.rank > 0:
-        stream = FollowerStream(layout)
-    else:
-        layout.plan_dir.mkdir(parents=True, exist_ok=True)
-        recorded = recorded_shards(layout)
-        planner = plan_shards(iter_items(sources), layout, opts.shard_size,
-                              recorded, skip_known=plan["complete"])
-        stream = PlannerStream(planner, known=recorded if plan["complete"] else ())
     watched = _Watched(NodeSlice(stream, node.count, node.rank), committed, reporter,
                        lambda shards: _plan_complete(layout, manifest, shards, node))
     reporter.start(total=None)
@@ -143,6 +142,33 @@ def _extract(engine: LocalEngine, layout: Layout, manifest: dict, sources: list[
     finally:
         if isinstance(stream, PlannerStream):
             stream.stop()
+
+
+def _shard_stream(layout: Layout, manifest: dict, sources: list[str], opts: ExtractOptions,
+                  node: Node):
+    """Where the engine's shards come from. The plan files on disk are the truth: every one of
+    them is scheduled (those committed are skipped by the engine), whatever the manifest's
+    copy of the plan says, so a run killed at any instant of planning loses nothing."""
+    if node.rank > 0:
+        return FollowerStream(layout)
+    plan = manifest["plan"]
+    recorded = recorded_shards(layout)
+    if plan["complete"] and len(recorded) < len(plan["shards"]):
+        raise UsageError(f"{layout.plan_dir} lacks the plan files of shards "
+                         f"{len(recorded)}..{len(plan['shards']) - 1}: the store is damaged; "
+                         "rerun with --overwrite to start it again")
+    if plan["complete"] and not opts.incremental:
+        return FixedStream(recorded)
+    incremental = opts.incremental or plan.get("incremental", False)
+    if incremental and plan["complete"]:
+        # Until this walk ends, the store is not complete: a run killed during it resumes the
+        # incremental walk, whichever command resumes it.
+        manifest["plan"] = {**plan, "complete": False, "incremental": True}
+        write_manifest(layout, manifest)
+    layout.plan_dir.mkdir(parents=True, exist_ok=True)
+    planner = plan_shards(iter_items(sources), layout, opts.shard_size, recorded,
+                          skip_known=incremental)
+    return PlannerStream(planner, known=recorded)
 
 
 class _Watched:
@@ -169,36 +195,67 @@ class _Watched:
 
 
 def _plan_complete(layout: Layout, manifest: dict, shards: list[Shard], node: Node) -> None:
-    counts = [s.count for s in shards]
-    if manifest["plan"].get("shards") == counts and manifest["plan"]["complete"]:
+    """Record the finished plan in the manifest: the shards the stream gave, which are the plan
+    files on disk, from 0 without a gap."""
+    if [s.index for s in shards] != list(range(len(shards))):
+        raise ImgfeatError("the plan's shards are not numbered 0..N-1; this is a bug in imgfeat")
+    plan = {"complete": True, "items": sum(s.count for s in shards),
+            "shards": [s.count for s in shards]}
+    if manifest["plan"] == plan:
         return
-    manifest["plan"] = {"complete": True, "items": sum(counts), "shards": counts}
+    manifest["plan"] = plan
     if node.rank == 0:
         write_manifest(layout, manifest)
 
 
 def _finish(layout: Layout, manifest: dict, node: Node, reporter: Reporter,
             outcome: Outcome) -> None:
-    committed = sorted(layout.committed())
     planned = len(manifest["plan"]["shards"])
-    complete = len(committed) >= planned and not outcome.failed
+    committed = layout.committed()
+    missing = [i for i in range(planned) if i not in committed]
+    lost = [i for i in missing if i % node.count == node.rank and i not in outcome.failed]
+    if lost:  # this node handed out every shard of its part: one left undone is imgfeat's bug
+        raise RunIncomplete(f"shards {', '.join(map(str, lost[:10]))} were planned but not "
+                            "extracted; committed shards are kept: run the same command again")
+    complete = not missing and layout.planned() == set(range(planned))
     if complete:
-        build_virtual_file(layout, committed, manifest["layers"], manifest["dtype"])
+        _build_features_file(layout, manifest)
+    _summarise(layout, node, reporter, outcome, complete, len(missing))
+    if outcome.failed:
+        reasons = "; ".join(f"shard {i}: {why}" for i, why in sorted(outcome.failed.items()))
+        raise RunIncomplete(f"{len(outcome.failed)} shard(s) failed ({reasons}); committed "
+                            "shards are kept: run the same command again to retry")
+
+
+def _build_features_file(layout: Layout, manifest: dict) -> None:
+    """features.h5 over every shard; if that fails, the shards are all there and kept."""
+    try:
+        build_virtual_file(layout, sorted(layout.committed()), manifest["layers"],
+                           manifest["dtype"])
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise RunIncomplete(
+            f"every shard is committed, but writing {layout.features.name} failed ("
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); the shards "
+            f"are kept: run 'imgfeat finalize {layout.root}' to finish") from None
+
+
+def _summarise(layout: Layout, node: Node, reporter: Reporter, outcome: Outcome,
+               complete: bool, missing: int) -> None:
+    """The closing lines. "done" means every planned item is a row or an error record."""
     done = reporter.rows + reporter.errors
     elapsed = reporter.elapsed()
     before = f", {reporter.already_done:,} done before" if reporter.already_done else ""
-    reporter.summary(
-        f"done: {done:,} images in {elapsed:.1f}s ({done / max(elapsed, 1e-9):,.1f} img/s): "
-        f"{reporter.rows:,} rows, {reporter.errors:,} errors{before} -> {layout.root}"
-        + ("" if complete or outcome.failed else
-           f"\nnode {node.rank} finished its part; {planned - len(committed)} shards of other "
-           "nodes are still to come ('imgfeat info' shows which)"))
+    counts = (f"{done:,} images in {elapsed:.1f}s ({done / max(elapsed, 1e-9):,.1f} img/s): "
+              f"{reporter.rows:,} rows, {reporter.errors:,} errors{before} -> {layout.root}")
+    if complete and not outcome.failed:
+        reporter.summary(f"done: {counts}")
+    elif outcome.failed:
+        reporter.summary(f"stopped with failed shards: {counts}")
+    else:
+        reporter.summary(f"node {node.rank} finished its part: {counts}\n{missing} shards of "
+                         "other nodes are still to come ('imgfeat info' shows which)")
     if outcome.stage_times:
         times = StageTimes()
         for seconds in outcome.stage_times.values():
             times.add(seconds)
         reporter.summary("profile (all workers):\n" + times.table(done, elapsed))
-    if outcome.failed:
-        reasons = "; ".join(f"shard {i}: {why}" for i, why in sorted(outcome.failed.items()))
-        raise RunIncomplete(f"{len(outcome.failed)} shard(s) failed ({reasons}); committed "
-                            "shards are kept: run the same command again to retry")

@@ -6,11 +6,14 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from imgfeat.store import faults
+
 
 class KeyIndex:
     """Every key planned so far, on disk, so that a duplicate is found in bounded memory."""
 
     def __init__(self, path: Path):
+        self._root = Path(path).parent.parent
         self._db = sqlite3.connect(path)
         self._db.execute("CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY) WITHOUT ROWID")
 
@@ -28,6 +31,7 @@ class KeyIndex:
 
     def commit(self) -> None:
         self._db.commit()
+        faults.point("keys", self._root)
 
     def close(self) -> None:
         self._db.commit()

@@ -42,9 +42,11 @@ def read_shard_items(layout: Layout, index: int) -> list[Item]:
 
 
 def recorded_shards(layout: Layout) -> list[Shard]:
-    """Shards already planned, in order: the contiguous run of plan files from 0."""
+    """Shards already planned, in order: the contiguous run of plan files from 0. The plan files
+    are the truth a resumed run schedules from; the manifest's copy of the plan may lag."""
+    on_disk = layout.planned()
     shards = []
-    while layout.plan_file(len(shards)).exists():
+    while len(shards) in on_disk:
         shards.append(Shard(len(shards), len(read_shard_items(layout, len(shards)))))
     return shards
 

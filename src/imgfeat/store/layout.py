@@ -8,6 +8,8 @@ import socket
 import uuid
 from pathlib import Path
 
+from imgfeat.store import faults
+
 TEMP_MARK = ".tmp-"  # readers ignore any name containing it
 
 
@@ -30,16 +32,11 @@ class Layout:
 
     def committed(self) -> set[int]:
         """Indices of the shards whose file exists under its final name."""
-        if not self.shards_dir.is_dir():
-            return set()
-        found = set()
-        for name in os.listdir(self.shards_dir):
-            if name.startswith("shard-") and name.endswith(".h5") and TEMP_MARK not in name:
-                try:
-                    found.add(int(name[6:-3]))
-                except ValueError:
-                    continue
-        return found
+        return _indices(self.shards_dir, ".h5")
+
+    def planned(self) -> set[int]:
+        """Indices of the shards whose plan file exists: the plan as it is on disk."""
+        return _indices(self.plan_dir, ".jsonl")
 
     def own_paths(self) -> list[Path]:
         """Everything imgfeat writes here; --overwrite removes these and nothing else."""
@@ -52,6 +49,19 @@ class Layout:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+
+
+def _indices(folder: Path, suffix: str) -> set[int]:
+    """N of each `shard-N<suffix>` in `folder`, temporary files aside: one listing."""
+    if not folder.is_dir():
+        return set()
+    found = set()
+    for name in os.listdir(folder):
+        if name.startswith("shard-") and name.endswith(suffix) and TEMP_MARK not in name:
+            number = name[len("shard-"):-len(suffix)]
+            if number.isdigit():
+                found.add(int(number))
+    return found
 
 
 def feature_datasets(layers) -> dict[str, str]:
@@ -102,8 +112,11 @@ def commit(temp: Path, final: Path) -> None:
     """Make a fully written temporary file visible under its final name, durably."""
     with open(temp, "rb+") as handle:
         os.fsync(handle.fileno())
+    kind, root = faults.kind_of(final), faults.root_of(final)
+    faults.point(kind + "-temp", root)
     os.replace(temp, final)
     fsync_folder(final.parent)
+    faults.point(kind, root)
 
 
 def fsync_folder(folder: Path) -> None:

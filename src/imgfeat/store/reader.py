@@ -73,20 +73,38 @@ class Store:
     def planned_shards(self) -> int | None:
         """Number of shards in the plan; None while the plan is still incomplete."""
         plan = self.manifest.get("plan", {})
-        return len(plan["shards"]) if plan.get("complete") else None
+        return len(self.plan_files) if plan.get("complete") else None
+
+    @cached_property
+    def plan_files(self) -> list[int]:
+        """Indices of the shards whose plan file exists: the truth about what was planned."""
+        return sorted(self.layout.planned())
+
+    @property
+    def plan_problems(self) -> list[str]:
+        """Where the manifest's copy of the plan and the plan files disagree: a run that was
+        stopped and has not been resumed yet, or a damaged folder."""
+        problems = []
+        files, plan = self.plan_files, self.manifest.get("plan", {})
+        if files != list(range(len(files))):
+            gaps = sorted(set(range(files[-1] + 1)) - set(files))
+            problems.append(f"plan files of shards {ranges(gaps)} are missing")
+        recorded = len(plan.get("shards", []))
+        if plan.get("complete") and recorded != len(files):
+            problems.append(f"the manifest records a plan of {recorded} shards, "
+                            f"the plan folder holds {len(files)}")
+        return problems
 
     @property
     def missing_shards(self) -> list[int]:
         """Planned shards with no committed file: work a rerun would still do."""
-        planned = self.planned_shards
-        if planned is None:
-            return []
         done = set(self.shards)
-        return [i for i in range(planned) if i not in done]
+        return [i for i in self.plan_files if i not in done]
 
     @property
     def complete(self) -> bool:
-        return self.planned_shards is not None and not self.missing_shards
+        return self.planned_shards is not None and not self.missing_shards \
+            and not self.plan_problems
 
     def _shard(self, index: int) -> h5py.File:
         if index not in self._files:
@@ -238,3 +256,13 @@ def _read_rows(dataset: h5py.Dataset, local: np.ndarray) -> np.ndarray:
         return dataset[int(local[0]):int(local[-1]) + 1]
     unique, inverse = np.unique(local, return_inverse=True)
     return dataset[unique][inverse]
+
+
+def ranges(indices: list[int]) -> str:
+    """'0-3, 7, 9-10' for [0, 1, 2, 3, 7, 9, 10]."""
+    spans, start = [], indices[0]
+    for prev, cur in zip(indices, indices[1:] + [None]):
+        if cur != prev + 1:
+            spans.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(spans)

@@ -20,13 +20,13 @@ MAX_DUPLICATES_SHOWN = 3
 def verify(store: Store) -> list[str]:
     """Everything wrong with the store, one readable line each; empty when all is well."""
     problems: list[str] = []
-    planned = store.planned_shards
-    if planned is None:
+    if store.planned_shards is None:
         problems.append("the plan is not complete: the extract run never finished listing")
-        planned = len(store.manifest["plan"].get("shards", []))
+    problems += store.plan_problems
     problems += [f"shard {i} is missing (planned, never committed)"
-                 for i in range(planned) if i not in set(store.shards)]
-    problems += [f"shard {i} is not in the plan" for i in store.shards if i >= planned]
+                 for i in store.missing_shards]
+    planned = set(store.plan_files)
+    problems += [f"shard {i} is not in the plan" for i in store.shards if i not in planned]
     with tempfile.TemporaryDirectory(prefix="imgfeat-verify-") as scratch:
         seen = _KeyOwners(Path(scratch) / "keys.sqlite")
         for index in store.shards:

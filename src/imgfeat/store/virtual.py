@@ -6,6 +6,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
+from imgfeat.errors import UsageError
 from imgfeat.store.layout import Layout, commit, feature_datasets, temp_path
 from imgfeat.store.writer import STRING
 
@@ -49,3 +50,14 @@ def _virtual(out: h5py.File, name: str, layout: Layout, counts: dict, which: int
                 relative, source_name, shape=(rows, *shape))
             start += rows
     out.create_virtual_dataset(name, layout_)
+
+
+def finalize(store) -> None:
+    """Write features.h5 of a complete store (`imgfeat finalize`); refuse one that is not."""
+    if not store.complete:
+        why = "; ".join(store.plan_problems) or (
+            "its plan is not finished" if store.planned_shards is None else
+            f"{len(store.missing_shards)} planned shards are not committed")
+        raise UsageError(f"{store.layout.root} is not complete ({why}): run the same extract "
+                         "command again to finish it")
+    build_virtual_file(store.layout, store.shards, store.feature_shapes, store.dtype.name)
