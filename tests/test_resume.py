@@ -149,6 +149,25 @@ def test_finalize_writes_features_file_of_a_complete_store_only(listing, referen
     assert "1 planned shards are not committed" in capsys.readouterr().err
 
 
+def test_a_failure_writing_features_file_keeps_the_shards_and_says_how_to_finish(
+        listing, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(extract_args(listing, out)) == 0
+    (out / "features.h5").unlink()
+    (out / "features.h5").mkdir()  # the rename onto it fails, as a full or read-only disk would
+    (out / "features.h5" / "in-the-way").touch()
+    capsys.readouterr()
+    assert main(extract_args(listing, out)) == 3
+    err = capsys.readouterr().err
+    assert "every shard is committed, but writing features.h5 failed" in err
+    assert f"run 'imgfeat finalize {out}'" in err and "done:" not in err
+    assert len(imgfeat.open_store(out).shards) == 12
+    (out / "features.h5" / "in-the-way").unlink()
+    (out / "features.h5").rmdir()
+    assert main(["finalize", str(out)]) == 0
+    assert_same_store(reference, out)
+
+
 def grown_folder(tmp_path: Path) -> tuple[Path, list[str]]:
     folder = make_many(tmp_path / "grow", 10)
     return folder, extract_args(folder, tmp_path / "out")
