@@ -222,3 +222,23 @@ def test_one_of_two_nodes_killed_then_rerun(listing, reference, tmp_path, victim
     assert_same_store(reference, out)
     assert imgfeat.open_store(out).complete and (out / "features.h5").exists()
     assert main(["verify", str(out)]) == 0
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(listing, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "out"
+    assert main(extract_args(listing, out, "--num-nodes", "2", "--node-rank", "0")) == 0
+    for extra in ([], ["--overwrite"]):
+        with open(out / ".locks" / "node-1.lock" if extra else out / ".locks" / "node-0.lock",
+                  "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # a run of that node is at work
+            capsys.readouterr()
+            code = main(extract_args(listing, out, "--num-nodes", "2", "--node-rank", "0",
+                                     *extra))
+            err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"another imgfeat run (node {1 if extra else 0}) is writing" in err
+    assert len(imgfeat.open_store(out).shards) == 6  # nothing was deleted
+    assert main(extract_args(listing, out, "--num-nodes", "2", "--node-rank", "1")) == 0
+    assert imgfeat.open_store(out).complete

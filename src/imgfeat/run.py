@@ -28,6 +28,7 @@ from imgfeat.store.manifest import (
     write_manifest,
 )
 from imgfeat.store.reader import Store
+from imgfeat.store.run_lock import RunLock
 from imgfeat.store.virtual import build_virtual_file
 
 NODE_WAIT_S = float(os.environ.get("IMGFEAT_NODE_WAIT_S", "600"))
@@ -55,17 +56,23 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
     layout = Layout(Path(out).resolve())
     engine = _engine(opts, str(layout.root))
     reporter = Reporter(opts.progress)
+    lock = RunLock(layout, node.rank)
     finished = False
     try:
         identity = {"sources": [str(Path(s).resolve()) for s in sources],
                     **engine.start(), "shard_size": opts.shard_size}
-        manifest = _open_output(layout, identity, opts, node)
+        manifest = _open_locked(layout, identity, opts, node, lock)
         outcome = _extract(engine, layout, manifest, sources, opts, node, reporter)
         finished = True
     finally:
         reporter.stop()
         engine.stop(graceful=finished)
-    _finish(layout, manifest, node, reporter, outcome)
+        if not finished:
+            lock.release()
+    try:
+        _finish(layout, manifest, node, reporter, outcome)
+    finally:
+        lock.release()
     return Store(out)
 
 
@@ -78,10 +85,31 @@ def _engine(opts: ExtractOptions, out: str):
     return LocalEngine(place_workers(parse_devices(opts.devices), opts.threads), opts, out)
 
 
-def _open_output(layout: Layout, identity: dict, opts: ExtractOptions, node: Node) -> dict:
-    """The manifest to continue under: the recorded one if it agrees, else a fresh one."""
+def _open_locked(layout: Layout, identity: dict, opts: ExtractOptions, node: Node,
+                 lock: RunLock) -> dict:
+    """Check the folder, take this node's run lock, open the store. A follower locks once the
+    store is there, so that it does not hold up the --overwrite of the node that makes it."""
+    _check_folder(layout, opts, node)
+    if node.rank == 0:
+        lock.acquire(overwrite=opts.overwrite)
+    manifest = _open_output(layout, identity, opts, node)
+    if node.rank > 0:
+        lock.acquire()
+    return manifest
+
+
+def _check_folder(layout: Layout, opts: ExtractOptions, node: Node) -> None:
+    """Refuse an output folder that is not ours to write, before writing anything in it."""
     if layout.root.exists() and not layout.root.is_dir():
         raise UsageError(f"output {layout.root} exists and is not a folder")
+    if node.rank == 0 and not opts.overwrite and not layout.manifest.exists() \
+            and _holds_anything(layout):
+        raise UsageError(f"output folder {layout.root} is not empty and holds no imgfeat store; "
+                         "choose a new or empty folder")
+
+
+def _open_output(layout: Layout, identity: dict, opts: ExtractOptions, node: Node) -> dict:
+    """The manifest to continue under: the recorded one if it agrees, else a fresh one."""
     if node.rank > 0:
         return _wait_for_manifest(layout, identity, opts.overwrite)
     recorded = None if opts.overwrite else read_manifest(layout)
@@ -94,9 +122,6 @@ def _open_output(layout: Layout, identity: dict, opts: ExtractOptions, node: Nod
         return recorded
     if opts.overwrite:
         layout.remove_own()
-    elif _holds_anything(layout):
-        raise UsageError(f"output folder {layout.root} is not empty and holds no imgfeat store; "
-                         "choose a new or empty folder")
     manifest = {"format": FORMAT, **identity, "software": software_versions(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "plan": {"complete": False, "shards": []}}
@@ -110,7 +135,8 @@ def _holds_anything(layout: Layout) -> bool:
     if not layout.root.is_dir():
         return False
     remove_temps_of(layout)
-    return any(TEMP_MARK not in path.name for path in layout.root.iterdir())
+    return any(TEMP_MARK not in path.name and path != layout.locks_dir
+               for path in layout.root.iterdir())
 
 
 def _wait_for_manifest(layout: Layout, identity: dict, overwrite: bool) -> dict:

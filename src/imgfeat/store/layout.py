@@ -23,6 +23,7 @@ class Layout:
         self.shards_dir = self.root / "shards"
         self.features = self.root / "features.h5"
         self.key_index = self.plan_dir / "keys.sqlite"
+        self.locks_dir = self.root / ".locks"  # never removed: see store/run_lock.py
 
     def plan_file(self, index: int) -> Path:
         return self.plan_dir / f"shard-{index:06d}.jsonl"

@@ -1,0 +1,67 @@
+"""One run per output folder and node. Two runs writing one folder duplicate work, and a second
+run with --overwrite would delete files under the first.
+
+A run holds an exclusive flock on `OUT/.locks/node-R.lock` while it works. The kernel drops the
+lock when the process ends, however it ends (kill -9 included), so a lock never goes stale and a
+rerun after a crash is never refused. The lock files are left in place: deleting one that
+another process holds would let a third run take a fresh lock beside it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sys
+from pathlib import Path
+
+from imgfeat.errors import UsageError
+from imgfeat.store.layout import Layout
+
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # e.g. NFS without a lock daemon
+
+
+class RunLock:
+    def __init__(self, layout: Layout, rank: int):
+        self._layout, self._rank = layout, rank
+        self._fd: int | None = None
+
+    def acquire(self, overwrite: bool = False) -> None:
+        """Take this node's lock; with `overwrite`, first make sure no node's run is at work."""
+        self._layout.locks_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for path in sorted(self._layout.locks_dir.glob("node-*.lock")):
+                if path != self._path:
+                    self._release(self._take(path, "--overwrite would delete its files"))
+        self._fd = self._take(self._path, "a second run would duplicate its work")
+
+    def release(self) -> None:
+        self._release(self._fd)
+        self._fd = None
+
+    @property
+    def _path(self) -> Path:
+        return self._layout.locks_dir / f"node-{self._rank}.lock"
+
+    def _take(self, path: Path, why: str) -> int | None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            node = path.stem.partition("-")[2]
+            raise UsageError(f"another imgfeat run (node {node}) is writing {self._layout.root}; "
+                             f"{why}: wait for it to end or stop it first") from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in _NO_LOCKS:
+                raise
+            print(f"imgfeat: warning: {self._layout.root} cannot be locked ({exc.strerror}); "
+                  "make sure no other run writes it", file=sys.stderr)
+            return None
+        return fd
+
+    @staticmethod
+    def _release(fd: int | None) -> None:
+        if fd is not None:
+            os.close(fd)  # closing the last descriptor drops the flock
