@@ -108,3 +108,36 @@ def test_non_utf8_file_name_gets_a_storable_key(tmp_path):
     assert item.key == "caf\\xe9.jpg"
     assert os.path.exists(item.path)
     item.key.encode("utf-8")
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_a_plan_file_that_failed_to_write_leaves_its_keys_unplanned(tmp_path, monkeypatch,
+                                                                     incremental):
+    """A full disk while writing shard 1's plan file: the resumed walk must plan those keys
+    again as new, not as duplicates of keys that were never recorded."""
+    import imgfeat.plan.shards as shards_module
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{i}.jpg\n" for i in range(6)))
+    layout = Layout(tmp_path / "out")
+    layout.plan_dir.mkdir(parents=True)
+    real_write = shards_module.write_shard_items
+
+    def full_disk(layout_, index, items):
+        if index == 1:
+            raise OSError(28, "No space left on device")
+        real_write(layout_, index, items)
+
+    monkeypatch.setattr(shards_module, "write_shard_items", full_disk)
+    planner = plan_shards(iter_items([str(listing)]), layout, 2, [])
+    assert next(planner).index == 0
+    with pytest.raises(OSError):
+        next(planner)
+    monkeypatch.setattr(shards_module, "write_shard_items", real_write)
+    already = shards_module.recorded_shards(layout)
+    assert [s.index for s in already] == [0]
+    resumed = list(plan_shards(iter_items([str(listing)]), layout, 2, already,
+                               skip_known=incremental))
+    assert [s.index for s in resumed] == [1, 2]
+    items = read_shard_items(layout, 1) + read_shard_items(layout, 2)
+    assert [(i.key, i.error) for i in items] == [(f"{n}.jpg", None) for n in range(2, 6)]

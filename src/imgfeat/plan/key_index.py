@@ -34,5 +34,6 @@ class KeyIndex:
         faults.point("keys", self._root)
 
     def close(self) -> None:
-        self._db.commit()
+        """Close, dropping keys not committed: those of a shard whose plan file was never
+        written (a full disk, a walk that disagrees), which must not count as planned."""
         self._db.close()

@@ -70,6 +70,7 @@ def plan_shards(
             stream = (item for item in stream if not index.contains(item.key))
         else:
             _skip_recorded(stream, index, layout, already)
+        index.commit()  # only keys of plan files on disk: what a resumed walk agrees with
         number = len(already)
         while batch := list(islice(stream, shard_size)):
             fresh = index.add_new([item.key for item in batch])
