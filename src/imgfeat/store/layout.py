@@ -55,13 +55,26 @@ class Layout:
 
 
 def feature_datasets(layers) -> dict[str, str]:
-    """Where each layer's features live in a shard: /features for a single layer, else
-    /features/<layer> ('/' in a layer name, as Caffe allows, is written %2F)."""
+    """Where each layer's features live, in a shard and in features.h5: /features for a single
+    layer, else /features/<layer_dataset_name(layer)>."""
     layers = list(layers)
     if len(layers) == 1:
         return {layers[0]: "features"}
-    return {layer: "features/" + layer.replace("%", "%25").replace("/", "%2F")
-            for layer in layers}
+    return {layer: "features/" + layer_dataset_name(layer) for layer in layers}
+
+
+# HDF5 splits link names on '/' and reads a lone '.' as the group itself; '%' is escaped first
+# so that the mapping can be undone (urllib.parse.unquote). '%' and '/' are escaped as stores
+# written before this rule do, so their datasets keep their names.
+_ESCAPES = {"%": "%25", "/": "%2F", "\0": "%00"}
+
+
+def layer_dataset_name(layer: str) -> str:
+    """A layer name as one HDF5 link name under /features: percent-encoding of '%', '/', NUL
+    and of a name that is only '.'; every other character is kept as it is."""
+    if layer == ".":
+        return "%2E"
+    return "".join(_ESCAPES.get(char, char) for char in layer)
 
 
 def temp_path(final: Path) -> Path:
