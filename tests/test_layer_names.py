@@ -14,6 +14,9 @@ from caffe_nets import inception
 
 import imgfeat
 from imgfeat.cli import main
+from imgfeat.errors import UsageError
+from imgfeat.models import load_model
+from imgfeat.models.layers import resolve_layers
 from imgfeat.store.layout import Layout, feature_datasets, layer_dataset_name
 from imgfeat.store.virtual import build_virtual_file
 
@@ -24,16 +27,25 @@ TIMM_NAMES = ["layer1.0.conv1", "layer2.1", "pre_logits"]
 
 
 def test_a_layer_name_is_one_hdf5_name_that_unquote_gives_back():
-    names = ["a/b", "a%2Fb", "a%b", "%", "/", ".", "..", "x.y", " sp ace ", "ünï/冷", "a\0b"]
+    names = ["a/b", "a%2Fb", "a%b", "%", "/", ".", "..", "x.y", " sp ace ", "ünï/冷"]
     escaped = [layer_dataset_name(name) for name in names]
     assert len(set(escaped)) == len(names)
-    assert all("/" not in e and "\0" not in e and e != "." for e in escaped)
+    assert all("/" not in e and e != "." for e in escaped)
     assert [unquote(e) for e in escaped] == names
     # stores already written keep their dataset names
     assert feature_datasets(["inception_3a/1x1", "fc7", "50%"]) == {
         "inception_3a/1x1": "features/inception_3a%2F1x1", "fc7": "features/fc7",
         "50%": "features/50%25"}
     assert feature_datasets(["a/b"]) == {"a/b": "features"}
+
+
+def test_a_name_with_a_nul_is_refused_in_one_line(tmp_path):
+    (tmp_path / "nul.prototxt").write_text(
+        'input: "data" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8\n'
+        'layer { name: "a" type: "ReLU" bottom: "data" top: "a\\000b" }\n')
+    model = load_model(str(tmp_path / "nul.prototxt"), "random")
+    with pytest.raises(UsageError, match="NUL character cannot be stored"):
+        resolve_layers(model, ["a\0b"])
 
 
 def extract(sources, out, layers, **options) -> None:

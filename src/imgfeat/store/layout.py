@@ -63,18 +63,14 @@ def feature_datasets(layers) -> dict[str, str]:
     return {layer: "features/" + layer_dataset_name(layer) for layer in layers}
 
 
-# HDF5 splits link names on '/' and reads a lone '.' as the group itself; '%' is escaped first
-# so that the mapping can be undone (urllib.parse.unquote). '%' and '/' are escaped as stores
-# written before this rule do, so their datasets keep their names.
-_ESCAPES = {"%": "%25", "/": "%2F", "\0": "%00"}
-
-
 def layer_dataset_name(layer: str) -> str:
-    """A layer name as one HDF5 link name under /features: percent-encoding of '%', '/', NUL
-    and of a name that is only '.'; every other character is kept as it is."""
+    """A layer name as one HDF5 link name under /features: percent-encoding of '%', of '/'
+    (HDF5's separator) and of a name that is only '.' (HDF5 reads it as the group itself);
+    every other character is kept. '%' is escaped too, so urllib.parse.unquote undoes it;
+    '%' and '/' are escaped as in stores written before '.' was, so theirs keep their names."""
     if layer == ".":
         return "%2E"
-    return "".join(_ESCAPES.get(char, char) for char in layer)
+    return layer.replace("%", "%25").replace("/", "%2F")
 
 
 def temp_path(final: Path) -> Path:
