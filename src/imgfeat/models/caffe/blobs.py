@@ -23,10 +23,6 @@ class Blobs:
     def __init__(self, layer: str, found: list | None):
         self.layer, self.found = layer, found
 
-    @property
-    def trained(self) -> bool:
-        return self.found is not None
-
     def has(self, index: int) -> bool:
         return self.found is not None and index < len(self.found)
 
