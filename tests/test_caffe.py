@@ -5,81 +5,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from caffe_nets import SIZE, mobilenet, resnet, vgg_prototxt, vgg_weights, write_caffemodel
 from corpus import photo_paths
 
 import imgfeat
+from imgfeat.cli import main
 from imgfeat.errors import UsageError
 from imgfeat.models import load_model
 from imgfeat.models.caffe.schema import messages
 
 torch.manual_seed(5)
-SIZE = 67  # odd: pooling with kernel 2, stride 2 rounds 67 -> 34 (ceil), not 33 (floor)
-
-VGG_LAYERS = [  # name, type, V1 type, bottom, top, params (text)
-    ("conv1_1", "Convolution", "CONVOLUTION", "data", "conv1_1",
-     "convolution_param { num_output: 8 pad: 1 kernel_size: 3 }"),
-    ("relu1_1", "ReLU", "RELU", "conv1_1", "conv1_1", ""),
-    ("norm1", "LRN", "LRN", "conv1_1", "norm1",
-     "lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }"),
-    ("pool1", "Pooling", "POOLING", "norm1", "pool1",
-     "pooling_param { pool: MAX kernel_size: 2 stride: 2 }"),
-    ("conv2", "Convolution", "CONVOLUTION", "pool1", "conv2",
-     "convolution_param { num_output: 16 pad: 1 kernel_size: 3 group: 2 }"),
-    ("relu2", "ReLU", "RELU", "conv2", "conv2", ""),
-    ("pool5", "Pooling", "POOLING", "conv2", "pool5",
-     "pooling_param { pool: MAX kernel_size: 3 stride: 2 }"),
-    ("fc6", "InnerProduct", "INNER_PRODUCT", "pool5", "fc6",
-     "inner_product_param { num_output: 32 }"),
-    ("relu6", "ReLU", "RELU", "fc6", "fc6", ""),
-    ("drop6", "Dropout", "DROPOUT", "fc6", "fc6", "dropout_param { dropout_ratio: 0.5 }"),
-    ("fc7", "InnerProduct", "INNER_PRODUCT", "fc6", "fc7",
-     "inner_product_param { num_output: 32 }"),
-    ("relu7", "ReLU", "RELU", "fc7", "fc7", ""),
-    ("drop7", "Dropout", "DROPOUT", "fc7", "fc7", "dropout_param { dropout_ratio: 0.5 }"),
-    ("fc8", "InnerProduct", "INNER_PRODUCT", "fc7", "fc8",
-     "inner_product_param { num_output: 10 }"),
-    ("prob", "Softmax", "SOFTMAX", "fc8", "prob", ""),
-]
-
-
-def vgg_prototxt(v1: bool) -> str:
-    if v1:
-        head = 'name: "tiny_vgg"\ninput: "data"\n' + "".join(
-            f"input_dim: {d}\n" for d in (1, 3, SIZE, SIZE))
-        body = "".join(f'layers {{ bottom: "{b}" top: "{t}" name: "{n}" type: {v} {p} '
-                       f'blobs_lr: 1 }}\n' for n, _, v, b, t, p in VGG_LAYERS)
-    else:
-        head = ('name: "tiny_vgg"\nlayer { name: "data" type: "Input" top: "data" '
-                f'input_param {{ shape {{ dim: 1 dim: 3 dim: {SIZE} dim: {SIZE} }} }} }}\n')
-        body = "".join(f'layer {{ name: "{n}" type: "{k}" bottom: "{b}" top: "{t}" {p} '
-                       f'param {{ lr_mult: 1 }} }}\n' for n, k, _, b, t, p in VGG_LAYERS)
-    return head + body
-
-
-def vgg_weights() -> dict[str, list[torch.Tensor]]:
-    pool5 = 16 * 17 * 17  # pool1 34 x 34 -> pool5 ceil((34 - 3) / 2) + 1 = 17
-    return {
-        "conv1_1": [torch.randn(8, 3, 3, 3) * 0.3, torch.randn(8) * 0.1],
-        "conv2": [torch.randn(16, 4, 3, 3) * 0.3, torch.randn(16) * 0.1],
-        "fc6": [torch.randn(32, pool5) * 0.02, torch.randn(32) * 0.1],
-        "fc7": [torch.randn(32, 32) * 0.2, torch.randn(32) * 0.1],
-        "fc8": [torch.randn(10, 32) * 0.2, torch.randn(10) * 0.1],
-    }
-
-
-def write_caffemodel(path, weights: dict, v1: bool, legacy_dims: bool = False) -> None:
-    net = messages()["NetParameter"](name="tiny")
-    for name, tensors in weights.items():
-        layer = (net.layers if v1 else net.layer).add(name=name)
-        for tensor in tensors:
-            blob = layer.blobs.add()
-            if legacy_dims:  # old caffemodels: num, channels, height, width
-                dims = [1] * (4 - tensor.ndim) + list(tensor.shape)
-                blob.num, blob.channels, blob.height, blob.width = dims
-            else:
-                blob.shape.dim.extend(tensor.shape)
-            blob.data.extend(tensor.reshape(-1).tolist())
-    path.write_bytes(net.SerializeToString())
 
 
 def vgg_by_hand(x: torch.Tensor, w) -> dict[str, torch.Tensor]:
@@ -275,3 +210,70 @@ def test_mean_file_and_input_scale(vgg, tmp_path):
     x = (bgr - torch.tensor(means).view(1, 3, 1, 1)) * 0.5
     np.testing.assert_allclose(np.asarray(store.features()), vgg_by_hand(x, weights)["fc7"],
                                rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("maker", [resnet, mobilenet], ids=["batchnorm-scale", "depthwise"])
+def test_layers_and_random_weights_need_no_caffemodel(maker, tmp_path, capsys):
+    """Every layer with parameters (Convolution, BatchNorm, Scale, PReLU, InnerProduct)
+    builds from the prototxt alone: `imgfeat layers` lists the net, `--weights random`
+    extracts finite, non-constant features from several layers."""
+    net = maker()
+    prototxt, _ = net.save(tmp_path, "net")
+    assert main(["layers", str(prototxt)]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert set(net.blobs()) <= set(listed)
+    layers = [net.blobs()[1], net.blobs()[len(net.blobs()) // 2], "prob"]
+    args = ["extract", str(photo_paths()[0]), str(photo_paths()[1]), "-o", str(tmp_path / "o"),
+            "--model", str(prototxt), "--weights", "random", "--devices", "cpu:1", "--quiet",
+            "--dtype", "float32"]
+    assert main(args + [arg for layer in layers for arg in ("--layer", layer)]) == 0
+    store = imgfeat.open_store(tmp_path / "o")
+    for layer in layers:
+        features = np.asarray(store.features(layer))
+        assert np.isfinite(features).all() and features.std() > 0, layer
+
+
+def test_untrained_parameters_follow_caffe_fillers(tmp_path):
+    """No caffemodel: BatchNorm and Scale start as the identity, biases at 0, PReLU at 0.25."""
+    prototxt, _ = resnet().save(tmp_path, "net")
+    steps = {step.layer_name: step for step in load_model(str(prototxt), "random").module.steps}
+    assert torch.equal(steps["scale_conv1"].value, torch.ones(8))
+    assert torch.equal(steps["scale_conv1"].bias, torch.zeros(8))
+    assert torch.equal(steps["bn_conv1"].mean, torch.zeros(8))
+    assert torch.equal(steps["bn_conv1"].var, torch.ones(8))
+    assert torch.equal(steps["res2b_prelu"].weight, torch.full((16,), 0.25))
+    assert steps["conv1"].weight.std() == pytest.approx((3 * 7 * 7) ** -0.5, rel=0.2)
+
+
+def test_a_caffemodel_without_a_layers_blobs_is_named(tmp_path):
+    net = resnet()
+    del net.weights["scale_conv1"]
+    prototxt, caffemodel = net.save(tmp_path, "net")
+    with pytest.raises(UsageError, match="no weights for Caffe layer 'scale_conv1'"):
+        load_model(str(prototxt), str(caffemodel))
+
+
+SCALE_BY_BLOB = """
+input: "data" input_shape { dim: 1 dim: 3 dim: 4 dim: 4 }
+layer { name: "pool" type: "Pooling" bottom: "data" top: "pool"
+        pooling_param { pool: AVE global_pooling: true } }
+layer { name: "flat" type: "Flatten" bottom: "pool" top: "flat" }
+layer { name: "scaled" type: "Scale" bottom: "data" bottom: "flat" top: "scaled"
+        scale_param { axis: 0 bias_term: true } }
+layer { name: "shifted" type: "Bias" bottom: "scaled" top: "shifted" }
+"""
+
+
+def test_scale_by_a_second_bottom_reads_its_bias_from_the_first_blob(tmp_path):
+    bias, shift = torch.randn(1, 3), torch.randn(3)
+    (tmp_path / "s.prototxt").write_text(SCALE_BY_BLOB)
+    write_caffemodel(tmp_path / "s.caffemodel", {"scaled": [bias], "shifted": [shift]}, False)
+    x = torch.randn(1, 3, 4, 4)
+    got = run_net(tmp_path / "s.prototxt", tmp_path / "s.caffemodel", ["scaled", "shifted"], x)
+    scaled = x * x.mean((2, 3))[..., None, None] + bias[..., None, None]
+    torch.testing.assert_close(got["scaled"], scaled)
+    torch.testing.assert_close(got["shifted"], scaled + shift.view(1, 3, 1, 1))
+    untrained = load_model(str(tmp_path / "s.prototxt"), "random")
+    with torch.inference_mode():
+        torch.testing.assert_close(untrained.make_tap(["shifted"], torch.device("cpu"))(x)
+                                   ["shifted"], x * x.mean((2, 3))[..., None, None])

@@ -95,7 +95,8 @@ def _add_extract(commands) -> None:
                    help="pretrained (download), random (no network), or PATH to a state dict")
     m.add_argument("--layer", action="append",
                    help="module name to tap (default: pooled pre-logits embedding); repeat "
-                   "for several layers in one pass, stored as /features/<layer>")
+                   "for several layers in one pass, stored as /features/<layer> ('%%' and '/' "
+                   "written %%25 and %%2F)")
     m.add_argument("--pool", default="avg", choices=POOLS, help="pooling of spatial maps")
     m.add_argument("--gem-p", type=float, default=3.0, help="power of --pool gem (default 3)")
     m.add_argument("--scales", type=_scales, default=(1.0,), metavar="S,S,...",

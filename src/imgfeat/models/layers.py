@@ -31,6 +31,8 @@ def resolve_layers(model: LoadedModel, layers: list[str] | None) -> list[str]:
     resolved = [resolve_layer(model, layer) for layer in (layers or [None])]
     if len(set(resolved)) != len(resolved):
         raise UsageError(f"a layer is named twice in {resolved}")
+    if any("\0" in layer for layer in resolved):  # HDF5 strings end at a NUL
+        raise UsageError("a layer name with a NUL character cannot be stored")
     return resolved
 
 

@@ -66,13 +66,22 @@ def _indices(folder: Path, suffix: str) -> set[int]:
 
 
 def feature_datasets(layers) -> dict[str, str]:
-    """Where each layer's features live in a shard: /features for a single layer, else
-    /features/<layer> ('/' in a layer name, as Caffe allows, is written %2F)."""
+    """Where each layer's features live, in a shard and in features.h5: /features for a single
+    layer, else /features/<layer_dataset_name(layer)>."""
     layers = list(layers)
     if len(layers) == 1:
         return {layers[0]: "features"}
-    return {layer: "features/" + layer.replace("%", "%25").replace("/", "%2F")
-            for layer in layers}
+    return {layer: "features/" + layer_dataset_name(layer) for layer in layers}
+
+
+def layer_dataset_name(layer: str) -> str:
+    """A layer name as one HDF5 link name under /features: percent-encoding of '%', of '/'
+    (HDF5's separator) and of a name that is only '.' (HDF5 reads it as the group itself);
+    every other character is kept. '%' is escaped too, so urllib.parse.unquote undoes it;
+    '%' and '/' are escaped as in stores written before '.' was, so theirs keep their names."""
+    if layer == ".":
+        return "%2E"
+    return layer.replace("%", "%25").replace("/", "%2F")
 
 
 def temp_path(final: Path) -> Path:

@@ -62,8 +62,13 @@ class Store:
                          if layer is None else
                          f"no layer {layer!r} in this store (it holds {', '.join(self.layers)})")
 
+    @cached_property
+    def datasets(self) -> dict[str, str]:
+        """{layer: the path of its features in features.h5 and in every shard}."""
+        return feature_datasets(self.layers)
+
     def _dataset(self, index: int, layer: str) -> h5py.Dataset:
-        return self._shard(index)[feature_datasets(self.layers)[layer]]
+        return self._shard(index)[self.datasets[layer]]
 
     @property
     def dtype(self) -> np.dtype:

@@ -1,5 +1,8 @@
 """features.h5: HDF5 virtual datasets over every committed shard, so one file opens it all
-without a copy. Source paths are relative, so the output folder can be moved."""
+without a copy. Source paths are relative, so the output folder can be moved.
+
+HDF5 reads the file and dataset names of a virtual source as patterns ('%b' is a block number),
+so a literal '%' there (an escaped layer name holds them) is written '%%'."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ def build_virtual_file(layout: Layout, shards: list[int], shapes: dict[str, tupl
             for layer, shape in shapes.items():
                 _virtual(out, names[layer], layout, counts, 0, tuple(shape), dtype,
                          names[layer])
+                out[names[layer]].attrs["layer"] = layer
             _virtual(out, "keys", layout, counts, 0, (), STRING, "keys")
             _virtual(out, "errors/keys", layout, counts, 1, (), STRING, "errors/keys")
             _virtual(out, "errors/reasons", layout, counts, 1, (), STRING, "errors/reasons")
@@ -47,9 +51,13 @@ def _virtual(out: h5py.File, name: str, layout: Layout, counts: dict, which: int
         if rows:
             relative = layout.shard_file(index).relative_to(layout.root).as_posix()
             layout_[start:start + rows] = h5py.VirtualSource(
-                relative, source_name, shape=(rows, *shape))
+                _literal(relative), _literal(source_name), shape=(rows, *shape))
             start += rows
     out.create_virtual_dataset(name, layout_)
+
+
+def _literal(name: str) -> str:
+    return name.replace("%", "%%")
 
 
 def finalize(store) -> None:

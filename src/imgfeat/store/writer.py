@@ -21,11 +21,12 @@ class ShardWriter:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.temp = temp_path(self.final)
         self._file = h5py.File(self.temp, "w")
-        self._features = {
-            layer: self._file.create_dataset(
+        self._features = {}
+        for (layer, shape), name in zip(shapes.items(), feature_datasets(shapes).values()):
+            self._features[layer] = self._file.create_dataset(
                 name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
                 chunks=(_rows_per_chunk(shape, dtype, capacity), *shape))
-            for (layer, shape), name in zip(shapes.items(), feature_datasets(shapes).values())}
+            self._features[layer].attrs["layer"] = layer  # the name, unescaped, for h5py users
         self._file.attrs["shard"] = index
         self.keys: list[str] = []
         self.error_keys: list[str] = []

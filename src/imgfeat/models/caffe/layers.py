@@ -1,6 +1,7 @@
 """Caffe layer types as PyTorch modules, each with Caffe's exact semantics (pooling's ceil
 rounding, BatchNorm's scale factor blob, LRN across channels, ...). A layer takes the list of
-its bottom tensors and returns the list of its tops."""
+its bottom tensors and returns the list of its tops; a layer with parameters reads them from
+its `Blobs` (the caffemodel's, or initial values when there is none)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgfeat.errors import UsageError
+from imgfeat.models.caffe.blobs import Blobs
 
 
 def _pair(values, single_h, single_w, default: int) -> tuple[int, int]:
@@ -34,7 +36,7 @@ class Layer(nn.Module):
 
 
 class Convolution(Layer):
-    def __init__(self, name, p, blobs, in_channels: int):
+    def __init__(self, name, p, blobs: Blobs, in_channels: int):
         super().__init__(name)
         self.kernel = _pair(p.kernel_size, p.kernel_h, p.kernel_w, 1)
         self.stride = _pair(p.stride, p.stride_h, p.stride_w, 1)
@@ -42,8 +44,8 @@ class Convolution(Layer):
         self.dilation = _pair(p.dilation, 0, 0, 1)
         self.groups = int(p.group)
         shape = (int(p.num_output), in_channels // self.groups, *self.kernel)
-        self.weight = self.param(_blob(blobs, 0, shape, name))
-        self.bias = self.param(_blob(blobs, 1, (shape[0],), name)) if p.bias_term else None
+        self.weight = self.param(blobs.get(0, shape))
+        self.bias = self.param(blobs.get(1, (shape[0],), fill=0)) if p.bias_term else None
 
     def forward(self, bottoms):
         return [F.conv2d(bottoms[0], self.weight, self.bias, self.stride, self.padding,
@@ -87,9 +89,10 @@ class ReLU(Layer):
 
 
 class PReLU(Layer):
-    def __init__(self, name, p, blobs, channels: int):
+    def __init__(self, name, p, blobs: Blobs, channels: int):
         super().__init__(name)
-        self.weight = self.param(_blob(blobs, 0, (1 if p.channel_shared else channels,), name))
+        self.weight = self.param(blobs.get(0, (1 if p.channel_shared else channels,),
+                                           fill=0.25))
 
     def forward(self, bottoms):
         return [F.prelu(bottoms[0], self.weight)]
@@ -107,14 +110,14 @@ class LRN(Layer):
 
 
 class InnerProduct(Layer):
-    def __init__(self, name, p, blobs, in_features: int):
+    def __init__(self, name, p, blobs: Blobs, in_features: int):
         super().__init__(name)
         self.axis = int(p.axis)
         out = int(p.num_output)
         shape = (in_features, out) if p.transpose else (out, in_features)
-        weight = _blob(blobs, 0, shape, name)
+        weight = blobs.get(0, shape, fan_in=in_features)
         self.weight = self.param(weight.t().contiguous() if p.transpose else weight)
-        self.bias = self.param(_blob(blobs, 1, (out,), name)) if p.bias_term else None
+        self.bias = self.param(blobs.get(1, (out,), fill=0)) if p.bias_term else None
 
     def forward(self, bottoms):
         return [F.linear(bottoms[0].flatten(self.axis), self.weight, self.bias)]
@@ -135,15 +138,12 @@ class Elementwise(Layer):
 class BatchNorm(Layer):
     """Caffe keeps mean and variance times a scale factor (the third blob)."""
 
-    def __init__(self, name, p, blobs, channels: int):
+    def __init__(self, name, p, blobs: Blobs, channels: int):
         super().__init__(name)
-        if blobs:
-            factor = float(_blob(blobs, 2, (1,), name).reshape(-1)[0]) if len(blobs) > 2 else 1
-            factor = 0.0 if factor == 0 else 1.0 / factor
-            mean = _blob(blobs, 0, (channels,), name) * factor
-            var = _blob(blobs, 1, (channels,), name) * factor
-        else:  # random weights: an identity normalisation
-            mean, var = torch.zeros(channels), torch.ones(channels)
+        factor = float(blobs.get(2, (1,))[0]) if blobs.has(2) else 1.0
+        factor = 0.0 if factor == 0 else 1.0 / factor
+        mean = blobs.get(0, (channels,), fill=0) * factor
+        var = blobs.get(1, (channels,), fill=1) * factor
         self.mean, self.var = self.param(mean), self.param(var)
         self.eps = float(p.eps)
 
@@ -154,19 +154,26 @@ class BatchNorm(Layer):
 
 
 class Scale(Layer):
-    """x * scale (+ bias) broadcast over axes [axis, axis + num_axes); with two bottoms the
-    second is the scale. `Bias` is the same with addition."""
+    """x * scale (+ bias), the scale a blob over x's axes [axis, axis + num_axes), or the
+    second bottom (whose bias, if any, is then the layer's first blob), broadcast from `axis`.
+    `Bias` is the same with addition. Untrained, the scale is 1 and the bias 0."""
 
-    def __init__(self, name, p, blobs, bottom_shape, add: bool = False, bias: bool = False):
+    def __init__(self, name, p, blobs: Blobs, shapes: list[tuple[int, ...]],
+                 add: bool = False, bias: bool = False):
         super().__init__(name)
-        self.add = add
-        self.axis = int(p.axis) % len(bottom_shape)
-        num_axes = int(p.num_axes)
-        end = len(bottom_shape) if num_axes == -1 else self.axis + num_axes
-        self.param_shape = tuple(bottom_shape[self.axis:end])
-        self.trailing = len(bottom_shape) - end
-        self.value = self.param(_blob(blobs, 0, self.param_shape, name)) if blobs else None
-        self.bias = self.param(_blob(blobs, 1, self.param_shape, name)) if bias else None
+        self.add, x_shape = add, shapes[0]
+        if len(shapes) > 1:
+            param_shape, self.value, bias_index = shapes[1], None, 0
+        else:
+            num_axes = int(p.num_axes)
+            axis = int(p.axis) % len(x_shape)
+            end = len(x_shape) if num_axes == -1 else axis + num_axes
+            param_shape, bias_index = tuple(x_shape[axis:end]), 1
+            self.value = self.param(blobs.get(0, param_shape, fill=0 if add else 1))
+        # a scalar scale broadcasts from axis 0, as in Caffe
+        self.axis = int(p.axis) % len(x_shape) if param_shape else 0
+        self.trailing = len(x_shape) - self.axis - len(param_shape)
+        self.bias = self.param(blobs.get(bias_index, param_shape, fill=0)) if bias else None
 
     def _shaped(self, value):
         return value.reshape((1,) * self.axis + tuple(value.shape) + (1,) * self.trailing)
@@ -203,20 +210,3 @@ def reshape(name, p) -> Elementwise:
         return x.reshape(shape[:start] + middle + shape[end:])
 
     return Elementwise(name, apply)
-
-
-def _blob(blobs, index: int, shape, name: str) -> torch.Tensor:
-    """Blob `index` of a layer as a tensor of `shape` (random, seeded, when the net has no
-    weights: `--weights random`)."""
-    if not blobs:
-        return torch.randn(shape) * 0.05
-    if index >= len(blobs):
-        raise UsageError(f"Caffe layer {name!r}: weights have {len(blobs)} blobs, "
-                         f"blob {index} is missing")
-    blob = blobs[index]
-    data = list(blob.data) or list(blob.double_data)
-    tensor = torch.tensor(data, dtype=torch.float32)
-    if tensor.numel() != math.prod(shape):
-        raise UsageError(f"Caffe layer {name!r}: weight blob {index} holds {tensor.numel()} "
-                         f"values, the net needs {tuple(shape)}")
-    return tensor.reshape(shape)

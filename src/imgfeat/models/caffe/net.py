@@ -16,6 +16,7 @@ from torch import nn
 
 from imgfeat.errors import UsageError
 from imgfeat.models.caffe import layers as L
+from imgfeat.models.caffe.blobs import Blobs
 
 V1_TYPES = {"CONVOLUTION": "Convolution", "POOLING": "Pooling", "RELU": "ReLU", "LRN": "LRN",
             "INNER_PRODUCT": "InnerProduct", "DROPOUT": "Dropout", "SOFTMAX": "Softmax",
@@ -55,7 +56,7 @@ class CaffeNet(nn.Module):
         specs = [Spec(layer, False) for layer in net.layer] or \
             [Spec(layer, True) for layer in net.layers]
         specs = [s for s in specs if s.included]
-        blobs = _weights(weights) if weights is not None else {}
+        trained = _weights(weights) if weights is not None else None
         self.input_name, self.input_shape, specs = _input(net, specs)
         self.specs = [(s.name, s.bottoms, s.tops) for s in specs]
         self.steps = nn.ModuleList()
@@ -66,8 +67,8 @@ class CaffeNet(nn.Module):
                 if missing:
                     raise UsageError(f"Caffe layer {spec.name!r} reads blob {missing[0]!r}, "
                                      "which no earlier layer makes")
-                layer = _build(spec, [values[b] for b in spec.bottoms],
-                               blobs.get(spec.name, []), bool(weights is not None))
+                blobs = Blobs(spec.name, None if trained is None else trained.get(spec.name, []))
+                layer = _build(spec, [values[b] for b in spec.bottoms], blobs)
                 self.steps.append(layer)
                 values.update(zip(spec.tops, layer([values[b] for b in spec.bottoms])))
         self.last_writer = {}
@@ -132,11 +133,8 @@ def _weights(weights) -> dict[str, list]:
     return {layer.name: list(layer.blobs) for layer in layers if layer.blobs}
 
 
-def _build(spec: Spec, bottoms: list[torch.Tensor], blobs, has_weights: bool) -> nn.Module:
+def _build(spec: Spec, bottoms: list[torch.Tensor], blobs: Blobs) -> nn.Module:
     name, kind, m = spec.name, spec.type, spec.message
-    if has_weights and kind in ("Convolution", "InnerProduct", "BatchNorm", "PReLU") \
-            and not blobs:
-        raise UsageError(f"the caffemodel has no weights for layer {name!r} ({kind})")
     x = bottoms[0] if bottoms else None
     if kind == "Convolution":
         return L.Convolution(name, m.convolution_param, blobs, x.shape[1])
@@ -156,8 +154,8 @@ def _build(spec: Spec, bottoms: list[torch.Tensor], blobs, has_weights: bool) ->
     if kind in ("Scale", "Bias"):
         p = m.scale_param if kind == "Scale" else m.bias_param
         bias = kind == "Scale" and p.bias_term
-        return L.Scale(name, p, blobs if len(bottoms) == 1 else [], tuple(x.shape),
-                       add=kind == "Bias", bias=bias)
+        return L.Scale(name, p, blobs, [tuple(b.shape) for b in bottoms], add=kind == "Bias",
+                       bias=bias)
     if kind == "Eltwise":
         return L.eltwise(name, m.eltwise_param, len(bottoms))
     if kind == "Reshape":
