@@ -135,13 +135,26 @@ def test_one_node_alone_says_what_is_missing(many, tmp_path, capsys):
     assert "missing    shards 1, 3, 5, 7, 9" in capsys.readouterr().out
 
 
-def test_slurm_environment_gives_the_node(monkeypatch):
+@pytest.mark.parametrize("env, node", [
+    ({}, (1, 0)),
+    # sbatch on 2 nodes, no srun: one imgfeat, which must do the whole job
+    ({"SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"},
+     (1, 0)),
+    # srun --ntasks-per-node=8 on 2 nodes: task 9 of 16
+    ({"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_NTASKS": "16", "SLURM_PROCID": "9",
+      "SLURM_STEP_NUM_TASKS": "16"}, (16, 9)),
+    ({"WORLD_SIZE": "4", "RANK": "2"}, (4, 2)),  # torchrun
+])
+def test_the_launchers_environment_gives_the_node(monkeypatch, env, node):
     from imgfeat.options import ExtractOptions
     from imgfeat.plan.nodes import Node
 
-    monkeypatch.setenv("SLURM_NNODES", "4")
-    monkeypatch.setenv("SLURM_NODEID", "2")
-    assert Node.of(ExtractOptions()) == Node(4, 2)
+    for name in ("SLURM_NNODES", "SLURM_NODEID", "SLURM_NTASKS", "SLURM_PROCID",
+                 "SLURM_STEP_NUM_TASKS", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Node.of(ExtractOptions()) == Node(*node)
     assert Node.of(ExtractOptions(num_nodes=2, node_rank=1)) == Node(2, 1)
 
 

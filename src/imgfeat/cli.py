@@ -151,8 +151,10 @@ def _add_extract(commands) -> None:
                    help="Ray cluster to join (default auto: a running one, else start one)")
     r.add_argument("--incremental", action="store_true",
                    help="extract only images whose keys are not in the store yet")
-    r.add_argument("--num-nodes", type=int, help="machines sharing OUT (default: SLURM's, or 1)")
-    r.add_argument("--node-rank", type=int, help="this machine's rank, 0.. (default: SLURM's)")
+    r.add_argument("--num-nodes", type=int,
+                   help="processes sharing OUT (default: srun's or torchrun's task count, or 1)")
+    r.add_argument("--node-rank", type=int,
+                   help="this process's rank, 0.. (default: srun's or torchrun's)")
     r.add_argument("--profile", action="store_true",
                    help="print seconds per stage (read, decode, preprocess, forward, write)")
     r.add_argument("--quiet", action="store_true", help="no progress and no summary")

@@ -1,5 +1,5 @@
-"""Several machines sharing one output folder (`--num-nodes`, or SLURM): which one this is,
-and its part of the plan, every N-th shard."""
+"""Several processes sharing one output folder (`--num-nodes`, or one per task of srun or
+torchrun): which one this is, and its part of the plan, every N-th shard."""
 
 from __future__ import annotations
 
@@ -20,14 +20,30 @@ class Node:
 
     @classmethod
     def of(cls, opts: ExtractOptions) -> Node:
-        env = os.environ
-        count = opts.num_nodes or (int(env.get("SLURM_NNODES", 1)) if "SLURM_NODEID" in env
-                                   else 1)
-        rank = opts.node_rank if opts.node_rank is not None else \
-            (int(env.get("SLURM_NODEID", 0)) if count > 1 else 0)
+        """From --num-nodes/--node-rank, else from the launcher that started this process."""
+        count, rank = _from_launcher(os.environ)
+        count = opts.num_nodes or count
+        rank = opts.node_rank if opts.node_rank is not None else (rank if count > 1 else 0)
         if not 0 <= rank < count:
             raise UsageError(f"--node-rank must be in 0..{count - 1}, got {rank}")
         return cls(count, rank)
+
+
+# (size, rank) variables of the launchers that start one imgfeat per task. srun sets
+# SLURM_STEP_NUM_TASKS for the tasks of a step only: in an sbatch script with no srun there is
+# one imgfeat, even though SLURM_NTASKS and SLURM_NNODES describe the whole allocation.
+LAUNCHERS = (("SLURM_STEP_NUM_TASKS", "SLURM_PROCID"), ("WORLD_SIZE", "RANK"))
+
+
+def _from_launcher(env) -> tuple[int, int]:
+    for size, rank in LAUNCHERS:
+        if size in env and rank in env:
+            try:
+                return int(env[size]), int(env[rank])
+            except ValueError:
+                raise UsageError(f"{size}={env[size]!r} and {rank}={env[rank]!r} are not "
+                                 "task numbers; pass --num-nodes and --node-rank") from None
+    return 1, 0
 
 
 class NodeSlice:
