@@ -65,7 +65,7 @@ class ShardPipeline:
         self.extractor = extractor
         self.times = StageTimes() if profile else OFF
         self.layout = layout
-        self.batch_size = batch_size
+        self.batch_size = self._full_batch = batch_size
         self.max_pixels = max_pixels
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="imgfeat-decode",
                                         initializer=_lower_priority if yield_to_model else None)
@@ -95,14 +95,15 @@ class ShardPipeline:
         decoder kills the process the engine knows which image did it."""
         writer = ShardWriter(self.layout, index, self.extractor.feature_shapes,
                              self.extractor.dtype.name, capacity=max(1, len(items)))
+        self.batch_size = self._full_batch  # a batch halved in the last shard may fit again
+        if self._device is not None:
+            self._device.begin_shard()
         try:
             self._fill(writer, items, progress, current)
             with self.times.stage("write"):
                 writer.commit()
         finally:
             self._in_flight = None  # a failed shard's batch must not land in the next one
-            if self._device is not None:
-                self._device.held = []
             writer.discard()
         return ShardResult(index, len(writer.keys), len(writer.error_keys))
 
@@ -123,7 +124,7 @@ class ShardPipeline:
                 errors += 1
                 continue
             if isinstance(pixels, Encoded):
-                self._device.held.append((len(keys), pixels.data))
+                self._device.held.append((len(keys), pixels))
             else:
                 self._slots[len(keys)] = pixels
             keys.append(item.key)
