@@ -5,6 +5,7 @@ so an engine can run one per device."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import threading
@@ -177,8 +178,11 @@ class ShardPipeline:
     def _launch(self, batch: torch.Tensor) -> Pending:
         try:
             return self.extractor.launch(batch)
-        except torch.cuda.OutOfMemoryError as exc:
-            return Done(self._halved(batch, exc))
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+        # Retried out of the handler: its traceback holds the failed pass's activations.
+        return Done(self._in_halves(batch))
 
     def _land(self, writer: ShardWriter, progress: Progress) -> None:
         """Wait for the batch in flight, if any, and write its rows."""
@@ -195,13 +199,15 @@ class ShardPipeline:
     def _forward(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
         try:
             return self.extractor(batch)
-        except torch.cuda.OutOfMemoryError as exc:
-            return self._halved(batch, exc)
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+        return self._in_halves(batch)
 
-    def _halved(self, batch: torch.Tensor, exc: Exception) -> dict[str, np.ndarray]:
-        """After device out-of-memory, halve the batch (for this and later batches)."""
-        if len(batch) == 1:
-            raise exc
+    def _in_halves(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        """After device out-of-memory: free what the failed pass held, then run `batch` in
+        parts of half its size, which stays the batch size for the rest of the shard."""
+        gc.collect()  # a traceback's reference cycles would keep activations alive
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.batch_size = min(self.batch_size, len(batch) // 2)
