@@ -18,6 +18,7 @@ call is about to receive). The filled batch is then handed to the compute stream
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import re
@@ -163,6 +164,7 @@ class DeviceDecoder:
         return rows
 
     def _out_of_memory(self, count: int) -> None:
+        gc.collect()  # reference cycles of the traceback would keep the images alive
         if self._stream is not None:
             torch.cuda.empty_cache()
         if not self.said_out_of_memory:
