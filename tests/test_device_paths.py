@@ -365,29 +365,29 @@ def test_nvjpeg_agrees_with_the_cpu_path(jpegs):
 
 @cuda
 def test_device_batches_are_ordered_against_the_pass_in_flight(jpegs):
-    """Decode batch k+1 while batch k's pass is queued: its rows must be those decoded alone
-    (no write into memory the pass still reads), and the pass's features those of a batch
-    run alone."""
+    """Decode batch k+1 while batch k's pass is queued: the pass's features must be those of
+    the batch run alone (nvJPEG wrote into no memory the pass still used), and each batch
+    the rows decoded alone."""
     device = torch.device("cuda")
-    model = LoadedModel("test", timm.create_model("resnet18", pretrained=False), PREPROCESS,
+    model = LoadedModel("test", timm.create_model("resnet50", pretrained=False), PREPROCESS,
                         "fc")
     run = Extractor(model, ["pre_logits"], PREPROCESS, device=device, precision="fp32",
                     pool="avg", l2=False, dtype="float32")
     stage = DeviceStage("gpu", PREPROCESS, device, None, cpu_threads=2)
-    alone = DeviceDecoder(PREPROCESS, device, torch.cuda.Stream())
-    items = [encoded(data) for data in jpegs] * 8
-    expected_rows = torch.stack(alone(items)).cpu()
+    items = [encoded(data) for data in jpegs] * 16
+    expected_rows = torch.stack(DeviceDecoder(PREPROCESS, device, torch.cuda.Stream())(items))
+    expected_rows = expected_rows.cpu()
     expected = run(expected_rows)["pre_logits"]
-    pending = None
+    pending = batch = None
     for _ in range(6):
         stage.held = list(enumerate(items))
-        batch, failed = stage.fill(torch.zeros((len(items), 64, 64, 3), dtype=torch.uint8)
-                                   .pin_memory(), OFF)
+        following, failed = stage.fill(torch.zeros((len(items), 64, 64, 3),
+                                                   dtype=torch.uint8).pin_memory(), OFF)
         assert not failed
-        if pending is not None:
+        if pending is not None:  # decoded while it ran
             assert cosine_min(pending.result()["pre_logits"], expected) > 0.99999
-        pending = run.launch(batch)
-        assert torch.equal(batch.cpu(), expected_rows)
+            assert torch.equal(batch.cpu(), expected_rows)
+        batch, pending = following, run.launch(following)
     assert cosine_min(pending.result()["pre_logits"], expected) > 0.99999
 
 

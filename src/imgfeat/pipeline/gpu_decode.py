@@ -96,6 +96,11 @@ def out_of_memory(exc: BaseException) -> bool:
         or bool(_NVJPEG_ALLOCATOR_FAILURE.search(text))
 
 
+def on_stream(stream: torch.cuda.Stream | None):
+    """`stream` current inside (no stream: a CPU device, nothing to do)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
 class DeviceDecoder:
     """Decodes JPEG bytes into model-sized uint8 (h, w, 3) rows on `device`, one chunk at a
     time, with `stream` (the decode stream; None on a CPU device) current."""
@@ -107,10 +112,12 @@ class DeviceDecoder:
         self.said_out_of_memory = False
 
     def __call__(self, encoded: list[Encoded]) -> list[torch.Tensor | None]:
-        """One entry per input, None where the device did not decode it."""
+        """One entry per input, None where the device did not decode it; the rows belong to
+        the decode stream (hand them to another with wait_stream and record_stream)."""
         rows: list[torch.Tensor | None] = []
-        for run in chunk_ranges([item.pixels for item in encoded]):
-            rows.extend(self._chunk([encoded[index].data for index in run]))
+        with on_stream(self._stream):
+            for run in chunk_ranges([item.pixels for item in encoded]):
+                rows.extend(self._chunk([encoded[index].data for index in run]))
         return rows
 
     def _chunk(self, datas: list[bytes]) -> list[torch.Tensor | None]:
@@ -210,14 +217,14 @@ class DeviceStage:
         rows, encoded = zip(*self.held) if self.held else ((), ())
         self.held = []
         began = time.perf_counter()
-        with times.stage("gpu-decode"), self._current():
+        with times.stage("gpu-decode"):
             images = self._decode(list(encoded))
         # The worker's own thread time, not the device's: a synchronize here would also wait
         # for the batch in flight. The host side (Huffman decoding, launches) is what holds
         # the worker up; the device work overlaps the pass before.
         self._rebalance(len(encoded), time.perf_counter() - began)
         failed = self._on_cpu(batch, rows, encoded, images, times)
-        with self._current():
+        with on_stream(self._stream):
             on_device = batch.to(self.device, non_blocking=True)
             done = [(row, image) for row, image in zip(rows, images) if image is not None]
             if done:
@@ -228,10 +235,6 @@ class DeviceStage:
             compute.wait_stream(self._stream)
             on_device.record_stream(compute)  # its memory is the decode stream's
         return on_device, failed
-
-    def _current(self):
-        return torch.cuda.stream(self._stream) if self._stream is not None \
-            else contextlib.nullcontext()
 
     def _decode(self, encoded: list[Encoded]) -> list[torch.Tensor | None]:
         """The decoder's rows; a decoder that fails outright (not one file, not memory: those
