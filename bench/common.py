@@ -41,12 +41,12 @@ def imgfeat_command(corpus: Path, out: Path, *options: str) -> list[str]:
             "--weights", "random", "--quiet", "--overwrite", *options]
 
 
-def write_section(title: str, body: str) -> None:
-    """Replace (or add) one `## title` section of docs/benchmarks.md."""
-    RESULTS.parent.mkdir(exist_ok=True)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
+def write_section(title: str, body: str, results: Path = RESULTS) -> None:
+    """Replace (or add) one `## title` section of docs/benchmarks.md (or `results`)."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    text = results.read_text() if results.exists() else "# Benchmarks\n"
     start = text.find(f"\n## {title}\n")
     if start >= 0:
         end = text.find("\n## ", start + 1)
         text = text[:start] + text[end:] if end >= 0 else text[:start]
-    RESULTS.write_text(text.rstrip("\n") + f"\n\n## {title}\n\n{body.strip()}\n")
+    results.write_text(text.rstrip("\n") + f"\n\n## {title}\n\n{body.strip()}\n")

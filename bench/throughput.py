@@ -75,7 +75,11 @@ def files_of(corpus: Path) -> list[Path]:
 # -- the lines, each run in a process of its own --------------------------------------------
 
 
-def seed_recipe(corpus: Path, spec: str) -> None:
+WARM_IMAGES = 64  # the in-process steady rate of lines 2-3 starts after these
+
+
+def seed_recipe(corpus: Path, spec: str) -> float:
+    """Runs the recipe; its steady rate (images/s after the first WARM_IMAGES)."""
     import h5py
     import numpy as np
     import torch
@@ -83,18 +87,43 @@ def seed_recipe(corpus: Path, spec: str) -> None:
 
     device, precision = device_and_precision()
     model, transform = build_model(spec, device)
-    feats, names = [], []
+    feats, names, clock = [], [], SteadyClock()
     with torch.inference_mode(), autocast(device, precision):
         for path in files_of(corpus):
+            clock.tick(1)
             x = transform(Image.open(path).convert("RGB"))[None].to(device)
             feats.append(model.forward_head(model.forward_features(x), pre_logits=True)
                          .float().cpu().numpy()[0])
             names.append(path.name)
+    rate = clock.rate()
     with h5py.File(tempfile.mktemp(suffix=".h5"), "w") as f:
         f["feats"], f["names"] = np.stack(feats), names
+    return rate
 
 
-def conventional(corpus: Path, spec: str) -> None:
+class SteadyClock:
+    """Images per second after the first WARM_IMAGES (each step's results already in hand,
+    so the clock starts with the pipeline warm)."""
+
+    def __init__(self):
+        self.seen, self.began, self.counted = 0, None, 0
+
+    def tick(self, images: int) -> None:
+        """Call as a step of `images` begins."""
+        if self.began is None and self.seen >= WARM_IMAGES:
+            self.began = time.perf_counter()
+        if self.began is not None:
+            self.counted += images
+        self.seen += images
+
+    def rate(self) -> float:
+        if self.began is None or not self.counted:
+            return float("nan")
+        return self.counted / (time.perf_counter() - self.began)
+
+
+def conventional(corpus: Path, spec: str) -> float:
+    """Runs the script; its steady rate (images/s after the first WARM_IMAGES)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -115,14 +144,17 @@ def conventional(corpus: Path, spec: str) -> None:
 
     loader = DataLoader(Images(files_of(corpus)), batch_size=64, num_workers=cores(),
                         pin_memory=device == "cuda")
-    feats = []
+    feats, clock = [], SteadyClock()
     with torch.inference_mode(), autocast(device, precision):
         for batch in loader:
+            clock.tick(len(batch))
             batch = batch.to(device, non_blocking=True).contiguous(
                 memory_format=torch.channels_last)
             feats.append(model.forward_head(model.forward_features(batch), pre_logits=True)
                          .float().cpu().numpy())
+    rate = clock.rate()
     np.save(tempfile.mktemp(suffix=".npy"), np.concatenate(feats))
+    return rate
 
 
 def model_ceiling(spec: str, seconds: float = 4.0) -> tuple[float, float]:
@@ -261,9 +293,9 @@ def main() -> None:
     if args.line:
         spec = args.model[0]
         if args.line == "seed":
-            seed_recipe(args.corpus, spec)
+            print(json.dumps([seed_recipe(args.corpus, spec)]))
         elif args.line == "conventional":
-            conventional(args.corpus, spec)
+            print(json.dumps([conventional(args.corpus, spec)]))
         elif args.line == "model":
             print(json.dumps(model_ceiling(spec)))
         else:

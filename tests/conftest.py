@@ -13,6 +13,16 @@ os.environ.setdefault("IMGFEAT_TEST", "1")
 from corpus import copy_photos, make_mixed_corpus  # noqa: E402
 from runs import make_many  # noqa: E402
 
+
+def cuda(test):
+    """Needs a CUDA device: skipped elsewhere; `pytest -m cuda` (bench/gpu_acceptance.py)
+    selects these."""
+    import torch
+
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    return pytest.mark.cuda(skip(test))
+
+
 # A small, fast setting shared by most tests: random weights, small images.
 FAST = ["--model", "timm:resnet18", "--weights", "random", "--image-size", "64",
         "--batch-size", "4", "--quiet"]

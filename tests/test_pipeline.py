@@ -5,8 +5,7 @@ import threading
 import time
 
 import numpy as np
-import pytest
-import torch
+from conftest import cuda
 from corpus import photo_paths
 
 import imgfeat
@@ -78,7 +77,7 @@ def test_batch_size_does_not_change_features(tmp_path, photos):
                                np.asarray(five.features(), np.float32), rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@cuda
 def test_cuda_matches_cpu(tmp_path, photos):
     cpu = imgfeat.extract(str(photos), tmp_path / "cpu", devices="cpu", **OPTIONS)
     gpu = imgfeat.extract(str(photos), tmp_path / "gpu", devices="cuda", precision="fp32",

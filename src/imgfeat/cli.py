@@ -131,7 +131,7 @@ def _add_extract(commands) -> None:
     r.add_argument("--precision", default="auto", choices=PRECISIONS)
     r.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu"),
                    help="where JPEGs are decoded: gpu (nvJPEG, others on the CPU), cpu, or "
-                   "auto: both, in balance on a GPU worker, else cpu")
+                   "auto: cpu until a GPU run proves GPU decoding (bench/gpu_acceptance.py)")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the model (first batches wait for the compiler)")
     r.add_argument("--no-freeze", dest="freeze", action="store_false",

@@ -57,7 +57,7 @@ class ExtractOptions:
     batch_size: int | None = None  # None: auto (see pipeline.batch_size)
     devices: str = "auto"
     precision: str = "auto"
-    decode: str = "auto"  # JPEGs: cpu, gpu (nvJPEG), or auto: both, balanced (cpu without GPU)
+    decode: str = "auto"  # JPEGs: cpu, gpu (nvJPEG), or auto (cpu for now: gpu_decode.py)
     compile: bool = False  # torch.compile the model side
     freeze: bool = True  # CPU: run the model as a frozen TorchScript graph when it checks out
     dtype: str = "float16"

@@ -44,3 +44,17 @@ def autocast_dtype(precision: str):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def tune_backends(device, precision: str) -> None:
+    """A CUDA worker's backend settings. cuDNN times its kernels once per input shape and
+    keeps the fastest (a run's batches share one shape, bar a shard's last); `--precision
+    auto` lets float32 matrix products use TF32, as what autocast leaves in float32 then
+    runs on tensor cores (an explicit fp32 keeps full float32)."""
+    if device.type != "cuda":
+        return
+    import torch
+
+    torch.backends.cudnn.benchmark = True
+    if precision == "auto":
+        torch.set_float32_matmul_precision("high")

@@ -120,8 +120,8 @@ class Extractor:
             host = {layer: tensor.to("cpu", non_blocking=True)
                     for layer, tensor in tensors.items()}
         done = None
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
+        if self.device.type == "cuda":  # waited on asleep: a spinning wait takes a core
+            done = torch.cuda.Event(blocking=True)  # that the decode threads need
             done.record()
         return Pending(self, host, done)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import MutableMapping
+from dataclasses import dataclass, replace
 
 from imgfeat.compute.device import resolve_device
 from imgfeat.errors import UsageError
@@ -72,3 +73,23 @@ def place_workers(devices: list[str], threads: int | None = None) -> list[Placem
         placements.append(Placement(device, torch_threads=share,
                                     decode_threads=threads or share, cpus=pinned))
     return placements
+
+
+def own_device_only(placement: Placement, environ: MutableMapping[str, str] = os.environ
+                    ) -> Placement:
+    """Make a worker process see only its own GPU (none for a CPU worker) and give its
+    placement as the process then names the device: cuda:N becomes cuda:0.
+
+    CUDA reads CUDA_VISIBLE_DEVICES once, when it starts in a process, so this must run in
+    the spawned worker before anything touches CUDA. Then no library, no stray
+    `torch.cuda` call and no allocator can create a context on, or take memory of, another
+    worker's GPU. An index counts among the devices the parent saw: cuda:1 under
+    CUDA_VISIBLE_DEVICES=4,6 is device 6."""
+    if not placement.device.startswith("cuda"):
+        environ["CUDA_VISIBLE_DEVICES"] = ""
+        return placement
+    index = int(placement.device.partition(":")[2] or 0)
+    seen = [entry.strip() for entry in environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    seen = [entry for entry in seen if entry]
+    environ["CUDA_VISIBLE_DEVICES"] = seen[index] if index < len(seen) else str(index)
+    return replace(placement, device="cuda:0")

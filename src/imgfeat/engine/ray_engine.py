@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
 from imgfeat.engine.local import Outcome
@@ -58,8 +59,8 @@ def ray_placements(ray, devices: str, threads: int | None) -> list[Placement]:
     """One actor per GPU of the cluster, or `cpu:N` CPU actors."""
     spec = devices.strip().lower()
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    if spec in ("auto", "all", "cuda") and gpus:
-        return [Placement("cuda:0", torch_threads=4, decode_threads=threads or 8)] * gpus
+    if spec in ("auto", "all", "cuda") and gpus:  # decode threads: 0 is per node, below
+        return [Placement("cuda:0", torch_threads=4, decode_threads=threads or 0)] * gpus
     if spec in ("all", "cuda"):
         raise UsageError(f"--devices {spec}: the Ray cluster has no GPU")
     if spec in ("auto", "cpu") or spec.startswith("cpu:"):
@@ -73,6 +74,16 @@ def ray_placements(ray, devices: str, threads: int | None) -> list[Placement]:
                      "cluster) or cpu:N")
 
 
+def node_decode_threads(ray) -> int:
+    """A GPU actor's decode threads: its node's CPUs divided by the node's GPUs, as Ray
+    counts them (nodes of a cluster differ; the driver does not know where an actor lands)."""
+    node = ray.get_runtime_context().get_node_id()
+    resources = next((n.get("Resources", {}) for n in ray.nodes() if n.get("NodeID") == node),
+                     {})
+    cpus = resources.get("CPU") or os.cpu_count() or 1
+    return max(1, int(cpus // max(1, resources.get("GPU", 1))))
+
+
 def _actor_class(ray):
     @ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=2)
     class ImgfeatWorker:
@@ -81,6 +92,8 @@ def _actor_class(ray):
         def __init__(self, placement: Placement, opts, out: str):
             from imgfeat.pipeline.device_worker import DeviceWorker
 
+            if not placement.decode_threads:
+                placement = replace(placement, decode_threads=node_decode_threads(ray))
             self.runner = DeviceWorker(placement, opts, out)
             self.counts = [0, 0]
 

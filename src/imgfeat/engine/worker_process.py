@@ -9,7 +9,7 @@ import signal
 import sys
 import traceback
 
-from imgfeat.engine.placement import Placement
+from imgfeat.engine.placement import Placement, own_device_only
 from imgfeat.errors import UsageError
 from imgfeat.pipeline.device_worker import DeviceWorker, Task
 
@@ -19,6 +19,7 @@ PARENT_CHECK_S = 1.0
 def worker_process_main(slot: int, placement: Placement, opts, out: str, tasks, results,
                 current) -> None:
     """Entry point of a spawned worker process of the local engine."""
+    placement = own_device_only(placement)  # first: before anything can start CUDA
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
     try:

@@ -9,6 +9,7 @@ tapped by name like any PyTorch model; ONNX gives any value of its graph by name
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -131,10 +132,18 @@ class OnnxTap:
                 graph_model.graph.output.append(onnx.ValueInfoProto(name=name))
                 present.add(name)
         providers = ["CPUExecutionProvider"]
-        if device.type == "cuda":
+        cuda = device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+        if cuda:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
-        self._session = ort.InferenceSession(graph_model.SerializeToString(),
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # its own notice of a provider that failed is many lines
+        self._session = ort.InferenceSession(graph_model.SerializeToString(), options,
                                              providers=providers)
+        if device.type == "cuda" and "CUDAExecutionProvider" not in self._session.get_providers():
+            why = "its CUDA provider did not load" if cuda else \
+                "this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)"
+            print(f"imgfeat: {path.name} runs on the CPU, not {device}: {why}",
+                  file=sys.stderr, flush=True)
         self._input, self._device = input_name, device
 
     def probe(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:

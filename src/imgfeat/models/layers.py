@@ -110,6 +110,9 @@ class Tap:
             self.module(batch)
         except _Reached:
             pass
+        except BaseException:
+            self._tensors = {}  # a failed pass (out of memory) must not keep its tensors alive
+            raise
 
     def _record(self, layer: str, value) -> None:
         self._seen[layer] += 1

@@ -29,16 +29,19 @@ _CRASH_ON = os.environ.get("IMGFEAT_TEST_CRASH_ON")
 
 @dataclass(frozen=True)
 class Encoded:
-    """A JPEG the decode threads leave for the device decoder: the file's bytes."""
+    """A JPEG the decode threads leave for the device decoder: the file's bytes and its pixel
+    count (the device decodes in chunks of bounded pixels)."""
 
     data: bytes
+    pixels: int
 
 
 def load_pixels(item: Item, preprocess: Preprocess, max_pixels: int | None,
-                times=OFF, to_device: Callable[[bytes], bool] | None = None
+                times=OFF, to_device: Callable[[str, bytes], int | None] | None = None
                 ) -> np.ndarray | Encoded | str:
-    """The model-sized uint8 pixels of one item, or the reason it has none; with `to_device`,
-    the file's bytes, left for the device decoder, where `to_device` takes them."""
+    """The model-sized uint8 pixels of one item, or the reason it has none; with `to_device`
+    (key, bytes -> pixel count or None), the file's bytes, left for the device decoder,
+    where `to_device` takes them."""
     if item.error is not None:
         return item.error
     if _CRASH_ON and item.path.endswith(_CRASH_ON):
@@ -48,8 +51,8 @@ def load_pixels(item: Item, preprocess: Preprocess, max_pixels: int | None,
             data = handle.read()
     except OSError as exc:
         return f"cannot read file: {exc.strerror or exc}"
-    if to_device is not None and to_device(data):
-        return Encoded(data)
+    if to_device is not None and (pixels := to_device(item.key, data)) is not None:
+        return Encoded(data, pixels)
     return pixels_from_bytes(data, preprocess, max_pixels, times)
 
 

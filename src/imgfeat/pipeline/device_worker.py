@@ -29,9 +29,10 @@ class DeviceWorker:
         import torch  # here, not at the top: the coordinator imports this module too
 
         from imgfeat.compute.build import build_extractor
+        from imgfeat.compute.device import tune_backends
         from imgfeat.pipeline.batch_size import auto_batch
         from imgfeat.pipeline.core_split import cpu_decode_threads, cpu_model_threads
-        from imgfeat.pipeline.gpu_decode import resolve_decode
+        from imgfeat.pipeline.gpu_decode import decode_memory, resolve_decode
         from imgfeat.pipeline.host_memory import keep_freed_memory
         from imgfeat.pipeline.shard_pipeline import ShardPipeline
 
@@ -43,7 +44,11 @@ class DeviceWorker:
             torch.cuda.set_device(placement.device)
         self.extractor = build_extractor(opts, placement.device)
         self.layout = Layout(out)
-        batch_size = opts.batch_size or auto_batch(self.extractor)
+        decode = resolve_decode(opts.decode, self.extractor.device)
+        reserve = (0, 0) if decode == "cpu" else decode_memory(self.extractor.preprocess)
+        batch_size = opts.batch_size or auto_batch(self.extractor, reserve)
+        # After the probe, whose peaks must not include cuDNN's trial workspaces.
+        tune_backends(self.extractor.device, opts.precision)
         threads, shares_cores = placement.decode_threads, placement.device == "cpu"
         if shares_cores:
             model_threads = cpu_model_threads(self.extractor, batch_size,
@@ -53,7 +58,7 @@ class DeviceWorker:
         self.pipeline = ShardPipeline(self.extractor, self.layout, batch_size=batch_size,
                              threads=threads, max_pixels=opts.max_pixels,
                              profile=opts.profile, yield_to_model=shares_cores,
-                             decode=resolve_decode(opts.decode, self.extractor.device))
+                             decode=decode)
 
     def identity(self) -> dict:
         return self.extractor.identity()

@@ -5,6 +5,7 @@ so an engine can run one per device."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import threading
@@ -65,7 +66,7 @@ class ShardPipeline:
         self.extractor = extractor
         self.times = StageTimes() if profile else OFF
         self.layout = layout
-        self.batch_size = batch_size
+        self.batch_size = self._full_batch = batch_size
         self.max_pixels = max_pixels
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="imgfeat-decode",
                                         initializer=_lower_priority if yield_to_model else None)
@@ -95,14 +96,15 @@ class ShardPipeline:
         decoder kills the process the engine knows which image did it."""
         writer = ShardWriter(self.layout, index, self.extractor.feature_shapes,
                              self.extractor.dtype.name, capacity=max(1, len(items)))
+        self.batch_size = self._full_batch  # a batch halved in the last shard may fit again
+        if self._device is not None:
+            self._device.begin_shard()
         try:
             self._fill(writer, items, progress, current)
             with self.times.stage("write"):
                 writer.commit()
         finally:
             self._in_flight = None  # a failed shard's batch must not land in the next one
-            if self._device is not None:
-                self._device.held = []
             writer.discard()
         return ShardResult(index, len(writer.keys), len(writer.error_keys))
 
@@ -123,7 +125,7 @@ class ShardPipeline:
                 errors += 1
                 continue
             if isinstance(pixels, Encoded):
-                self._device.held.append((len(keys), pixels.data))
+                self._device.held.append((len(keys), pixels))
             else:
                 self._slots[len(keys)] = pixels
             keys.append(item.key)
@@ -176,8 +178,11 @@ class ShardPipeline:
     def _launch(self, batch: torch.Tensor) -> Pending:
         try:
             return self.extractor.launch(batch)
-        except torch.cuda.OutOfMemoryError as exc:
-            return Done(self._halved(batch, exc))
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+        # Retried out of the handler: its traceback holds the failed pass's activations.
+        return Done(self._in_halves(batch))
 
     def _land(self, writer: ShardWriter, progress: Progress) -> None:
         """Wait for the batch in flight, if any, and write its rows."""
@@ -194,13 +199,15 @@ class ShardPipeline:
     def _forward(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
         try:
             return self.extractor(batch)
-        except torch.cuda.OutOfMemoryError as exc:
-            return self._halved(batch, exc)
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+        return self._in_halves(batch)
 
-    def _halved(self, batch: torch.Tensor, exc: Exception) -> dict[str, np.ndarray]:
-        """After device out-of-memory, halve the batch (for this and later batches)."""
-        if len(batch) == 1:
-            raise exc
+    def _in_halves(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        """After device out-of-memory: free what the failed pass held, then run `batch` in
+        parts of half its size, which stays the batch size for the rest of the shard."""
+        gc.collect()  # a traceback's reference cycles would keep activations alive
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.batch_size = min(self.batch_size, len(batch) // 2)
