@@ -54,9 +54,23 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
     if node.count > 1 and opts.incremental:
         raise UsageError("--incremental runs on one node; drop --num-nodes for it")
     layout = Layout(Path(out).resolve())
+    _check_folder(layout, opts, node)
+    lock = RunLock(layout, node.rank)
+    try:
+        if node.rank == 0 and layout.manifest.exists():  # refuse a busy store before any model
+            lock.acquire(overwrite=opts.overwrite)        # is loaded
+        manifest, outcome, reporter = _run(layout, sources, opts, node, lock)
+        _finish(layout, manifest, node, reporter, outcome)
+    finally:
+        lock.release()
+    return Store(out)
+
+
+def _run(layout: Layout, sources: list[str], opts: ExtractOptions, node: Node,
+         lock: RunLock) -> tuple[dict, Outcome, Reporter]:
+    """Start the workers, open the store under the run lock, and extract every shard."""
     engine = _engine(opts, str(layout.root))
     reporter = Reporter(opts.progress)
-    lock = RunLock(layout, node.rank)
     finished = False
     try:
         identity = {"sources": [str(Path(s).resolve()) for s in sources],
@@ -67,13 +81,7 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
     finally:
         reporter.stop()
         engine.stop(graceful=finished)
-        if not finished:
-            lock.release()
-    try:
-        _finish(layout, manifest, node, reporter, outcome)
-    finally:
-        lock.release()
-    return Store(out)
+    return manifest, outcome, reporter
 
 
 def _engine(opts: ExtractOptions, out: str):
@@ -87,9 +95,8 @@ def _engine(opts: ExtractOptions, out: str):
 
 def _open_locked(layout: Layout, identity: dict, opts: ExtractOptions, node: Node,
                  lock: RunLock) -> dict:
-    """Check the folder, take this node's run lock, open the store. A follower locks once the
-    store is there, so that it does not hold up the --overwrite of the node that makes it."""
-    _check_folder(layout, opts, node)
+    """Take this node's run lock (if not yet held) and open the store. A follower locks once
+    the store is there, so that it does not hold up the --overwrite of the node that makes it."""
     if node.rank == 0:
         lock.acquire(overwrite=opts.overwrite)
     manifest = _open_output(layout, identity, opts, node)

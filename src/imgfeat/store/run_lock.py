@@ -25,19 +25,24 @@ class RunLock:
     def __init__(self, layout: Layout, rank: int):
         self._layout, self._rank = layout, rank
         self._fd: int | None = None
+        self._held = False
 
     def acquire(self, overwrite: bool = False) -> None:
-        """Take this node's lock; with `overwrite`, first make sure no node's run is at work."""
+        """Take this node's lock (once); with `overwrite`, first make sure no node's run is at
+        work."""
+        if self._held:
+            return
         self._layout.locks_dir.mkdir(parents=True, exist_ok=True)
         if overwrite:
             for path in sorted(self._layout.locks_dir.glob("node-*.lock")):
                 if path != self._path:
                     self._release(self._take(path, "--overwrite would delete its files"))
         self._fd = self._take(self._path, "a second run would duplicate its work")
+        self._held = True
 
     def release(self) -> None:
         self._release(self._fd)
-        self._fd = None
+        self._fd, self._held = None, False
 
     @property
     def _path(self) -> Path:
