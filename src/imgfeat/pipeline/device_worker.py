@@ -41,8 +41,8 @@ class DeviceWorker:
         torch.set_num_threads(placement.torch_threads)
         if placement.device.startswith("cuda"):
             torch.cuda.set_device(placement.device)
-        self.extractor = build_extractor(opts, placement.device)
         self.layout = Layout(out)
+        self.extractor = build_extractor(opts, placement.device, self._recorded(opts))
         batch_size = opts.batch_size or auto_batch(self.extractor)
         threads, shares_cores = placement.decode_threads, placement.device == "cpu"
         if shares_cores:
@@ -57,6 +57,18 @@ class DeviceWorker:
 
     def identity(self) -> dict:
         return self.extractor.identity()
+
+    def _recorded(self, opts) -> dict | None:
+        """The manifest of the store this run continues: its precision is the run's."""
+        from imgfeat.errors import UsageError
+        from imgfeat.store.manifest import read_manifest
+
+        if opts.overwrite:
+            return None
+        try:
+            return read_manifest(self.layout)
+        except UsageError:
+            return None  # the coordinator refuses an unreadable store in one line
 
     def run(self, task: Task, progress, current=None) -> tuple:
         """(index, rows, errors, seconds per stage or None) of one committed shard."""
