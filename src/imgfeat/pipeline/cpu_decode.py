@@ -50,7 +50,7 @@ def decode(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
             warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": harmless, not ours to print
             image.seek(0)
             image.load()
-            image = ImageOps.exif_transpose(image) or image
+            ImageOps.exif_transpose(image, in_place=True)  # a copy per image otherwise
             return to_rgb(image)
     except ImageError:
         raise
