@@ -1,0 +1,138 @@
+"""JPEG decoding for the CPU pipeline: Pillow (imgfeat's decoder, with draft mode) against the
+decoders that install from the registries, on one core, with the same geometry after each,
+and how far their model-sized pixels are from Pillow's.
+
+    python bench/decoders.py [--count 300]
+
+Lines: decode only (bytes to full or reduced RGB) and decode + geometry (to 224 x 224, as a
+224-pixel model gets it). Each rate is the best of several passes (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import commit, machine, write_section
+from corpus import build
+from PIL import Image
+
+from imgfeat.models.preprocess import Preprocess
+from imgfeat.pipeline import cpu_decode
+
+PREPROCESS = Preprocess()
+
+
+def pillow_decode(data: bytes, max_pixels, min_side):
+    """imgfeat's decode with Pillow for every format (its draft mode for JPEGs)."""
+    module, cpu_decode.simplejpeg = cpu_decode.simplejpeg, None
+    try:
+        return cpu_decode.decode(data, max_pixels, min_side)
+    finally:
+        cpu_decode.simplejpeg = module
+
+
+def decoders() -> dict:
+    """name -> bytes -> RGB array at the size the decoder chose (draft: >= draft_side)."""
+    side = PREPROCESS.draft_side
+    found = {"Pillow (draft mode)": lambda data: np.asarray(pillow_decode(data, None, side))}
+    try:
+        import simplejpeg
+
+        found["imgfeat: simplejpeg, Pillow's header and DCT scale"] = lambda data: np.asarray(
+            cpu_decode.decode(data, None, side))
+        found["simplejpeg, any M/8 DCT scale"] = lambda data: simplejpeg.decode_jpeg(
+            data, "RGB", min_height=side, min_width=side)
+        found["simplejpeg, fast DCT + upsampling"] = lambda data: simplejpeg.decode_jpeg(
+            data, "RGB", fastdct=True, fastupsample=True, min_height=side, min_width=side)
+    except ImportError:
+        pass
+    try:
+        from turbojpeg import TJPF_RGB, TurboJPEG
+
+        turbo = TurboJPEG()
+
+        def turbo_decode(data):
+            width, height, _, _ = turbo.decode_header(data)
+            fits = [f for f in turbo.scaling_factors if f[0] <= f[1]
+                    and width * f[0] >= side * f[1] and height * f[0] >= side * f[1]]
+            scale = min(fits, key=lambda f: f[0] / f[1], default=(1, 1))
+            return turbo.decode(data, pixel_format=TJPF_RGB, scaling_factor=scale)
+
+        found["PyTurboJPEG (libturbojpeg, DCT scaling)"] = turbo_decode
+    except (ImportError, RuntimeError, OSError):
+        pass
+    return found
+
+
+def best_rate(step, items, passes: int = 5) -> float:
+    best = float("inf")
+    for _ in range(passes):
+        began = time.perf_counter()
+        for item in items:
+            step(item)
+        best = min(best, time.perf_counter() - began)
+    return len(items) / best
+
+
+def large_corpus(folder: Path, count: int) -> list[bytes]:
+    """Phone-sized JPEGs (2048 x 1536), where draft decoding pays."""
+    photos = sorted(build(folder, count).glob("*.jpg"))
+    datas = []
+    for path in photos:
+        buffer = io.BytesIO()
+        Image.open(path).resize((2048, 1536), Image.Resampling.BICUBIC).save(buffer, "JPEG",
+                                                                            quality=90)
+        datas.append(buffer.getvalue())
+    return datas
+
+
+def measure(datas: list[bytes]) -> list[tuple[str, float, float, int, float]]:
+    """(decoder, decode rate, decode + geometry rate, max pixel difference from Pillow's,
+    fraction of pixels more than 1 level off)."""
+    rows = []
+    reference = [PREPROCESS.geometry(pillow_decode(d, None, PREPROCESS.draft_side))
+                 for d in datas]
+    for name, decode in decoders().items():
+        def shaped(data, decode=decode):
+            return PREPROCESS.geometry(Image.fromarray(decode(data)))
+
+        got = [shaped(d) for d in datas]
+        diffs = [np.abs(a.astype(int) - b.astype(int)) for a, b in zip(got, reference)]
+        rows.append((name, best_rate(decode, datas), best_rate(shaped, datas),
+                     max(int(d.max()) for d in diffs), float(np.mean([(d > 1).mean()
+                                                                      for d in diffs]))))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--count", type=int, default=300)
+    parser.add_argument("--work", type=Path,
+                        default=Path(tempfile.gettempdir()) / "imgfeat-bench")
+    args = parser.parse_args()
+    small = [p.read_bytes() for p in
+             sorted(build(args.work / f"corpus-{args.count}", args.count).glob("*.jpg"))]
+    large = large_corpus(args.work / "corpus-40", 40)
+    lines = ["| JPEGs | decoder | decode, img/s | decode + geometry, img/s | max diff | "
+             "share > 1 level |", "|---|---|---|---|---|---|"]
+    for label, datas in ((f"{len(small)} of 500x375", small), (f"{len(large)} of 2048x1536",
+                                                                 large)):
+        for name, decode, shaped, worst, share in measure(datas):
+            lines.append(f"| {label} | {name} | {decode:.0f} | {shaped:.0f} | {worst} | "
+                         f"{share:.4f} |")
+    table = "\n".join(lines)
+    print(table)
+    write_section("JPEG decoders (one core)",
+                  f"Machine: {machine()}; commit {commit()}. `bench/decoders.py`: best of 5 "
+                  "passes on one thread; geometry: resize and centre crop to 224 x 224 "
+                  "(Pillow's, after every decoder); differences in model-sized pixels from "
+                  "Pillow's path.\n\n" + table)
+
+
+if __name__ == "__main__":
+    main()
