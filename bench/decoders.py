@@ -1,6 +1,8 @@
 """JPEG decoding for the CPU pipeline: Pillow (imgfeat's decoder, with draft mode) against the
 decoders that install from the registries, on one core, with the same geometry after each,
-and how far their model-sized pixels are from Pillow's.
+and how far their model-sized pixels are from Pillow's; then the geometry itself, Pillow's
+crop-region resize against torch's antialiased uint8 kernels (imgfeat's, for bilinear and
+bicubic).
 
     python bench/decoders.py [--count 300]
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -109,6 +112,29 @@ def measure(datas: list[bytes]) -> list[tuple[str, float, float, int, float]]:
     return rows
 
 
+def geometry_lines(datas: list[bytes]) -> list[str]:
+    """Pillow's resize against imgfeat's (torch's kernels), per filter, on decoded images."""
+    import torch
+
+    torch.set_num_threads(1)
+    images = [pillow_decode(d, None, PREPROCESS.draft_side) for d in datas]
+    lines = []
+    for interpolation in ("bilinear", "bicubic"):
+        preprocess = Preprocess(interpolation=interpolation)
+
+        def pillow(image, preprocess=preprocess):
+            target = preprocess.resized_size(image.height, image.width)
+            return preprocess._resize_crop(image, *target)
+
+        fast = [preprocess.geometry(i) for i in images]
+        diffs = [np.abs(a.astype(int) - pillow(i).astype(int)) for a, i in zip(fast, images)]
+        worst = max(int(d.max()) for d in diffs)
+        share = float(np.mean([(d > 1).mean() for d in diffs]))
+        lines.append(f"| {interpolation} | {best_rate(pillow, images):.0f} | "
+                     f"{best_rate(preprocess.geometry, images):.0f} | {worst} | {share:.6f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=300)
@@ -125,13 +151,17 @@ def main() -> None:
         for name, decode, shaped, worst, share in measure(datas):
             lines.append(f"| {label} | {name} | {decode:.0f} | {shaped:.0f} | {worst} | "
                          f"{share:.4f} |")
+    lines += ["", "| filter | Pillow crop-region resize, img/s | imgfeat (torch kernels), img/s | "
+              "max diff | share > 1 level |", "|---|---|---|---|---|",
+              *geometry_lines(small)]
     table = "\n".join(lines)
     print(table)
     write_section("JPEG decoders (one core)",
-                  f"Machine: {machine()}; commit {commit()}. `bench/decoders.py`: best of 5 "
-                  "passes on one thread; geometry: resize and centre crop to 224 x 224 "
-                  "(Pillow's, after every decoder); differences in model-sized pixels from "
-                  "Pillow's path.\n\n" + table)
+                  f"Machine: {machine()}; commit {commit()}; load average "
+                  f"{os.getloadavg()[0]:.1f}. `bench/decoders.py`: best of 5 passes on one "
+                  "thread; geometry: resize and centre crop to 224 x 224 (imgfeat's, the same "
+                  "after every decoder); differences in model-sized pixels from Pillow's "
+                  "path.\n\n" + table)
 
 
 if __name__ == "__main__":

@@ -262,3 +262,40 @@ def test_auto_continues_a_store_extracted_in_fp32(tmp_path, photos):
     assert fresh.manifest["precision"] == "bf16"
     with imgfeat.open_store(tmp_path / "new") as store:
         assert "precision  bf16 (cosine" in describe(store)
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("files")
+    torch.manual_seed(11)
+    model = timm.create_model("resnet18", num_classes=0).eval()
+    example = torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(model, example), folder / "model.pt")
+        program = torch.export.export(model, (example,),
+                                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+        torch.export.save(program, folder / "model.pt2")
+        torch.onnx.export(model, (example,), folder / "model.onnx", input_names=["input"],
+                          output_names=["output"], dynamic_axes={"input": {0: "batch"}},
+                          dynamo=False)
+    return folder
+
+
+@needs_bf16_units
+@pytest.mark.parametrize("model", ["torchvision:resnet18", "model.pt", "model.pt2"])
+def test_bf16_through_torch_backends_matches_fp32_on_photos(model_files, model):
+    spec = model if ":" in model else str(model_files / model)
+    options = dict(model=spec, weights="random" if ":" in model else "pretrained",
+                   image_size=64, dtype="float32")
+    bf16 = build_extractor(ExtractOptions(**options), "cpu")
+    fp32 = build_extractor(ExtractOptions(**options, precision="fp32"), "cpu")
+    assert bf16.precision == "bf16" and bf16.precision_check["used"] == "bf16"
+    pixels = photo_batch(64)
+    assert cosine_min(bf16(pixels), fp32(pixels)) >= 0.999
+
+
+def test_onnx_models_stay_fp32_under_auto(model_files):
+    pytest.importorskip("onnxruntime")
+    options = ExtractOptions(model=str(model_files / "model.onnx"), image_size=64)
+    assert build_extractor(options, "cpu").precision == "fp32"
