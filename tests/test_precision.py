@@ -13,7 +13,7 @@ from corpus import photo_paths
 from test_caffe import vgg_prototxt, vgg_weights, write_caffemodel
 
 import imgfeat
-from imgfeat.cli import describe, main
+from imgfeat.cli import _precision, describe, main
 from imgfeat.compute.build import build_extractor
 from imgfeat.compute.extractor import Extractor
 from imgfeat.compute.fidelity import THRESHOLD, agreement, check_batch, guard
@@ -258,10 +258,16 @@ def test_auto_continues_a_store_extracted_in_fp32(tmp_path, photos):
     with imgfeat.open_store(tmp_path / "out") as store:
         assert "precision  fp32\n" in describe(store) + "\n"
 
-    fresh = imgfeat.extract(str(photos), tmp_path / "new", **options)
-    assert fresh.manifest["precision"] == "bf16"
-    with imgfeat.open_store(tmp_path / "new") as store:
-        assert "precision  bf16 (cosine" in describe(store)
+
+def test_info_line_says_how_bf16_agreed():
+    check = {"requested": "auto", "tried": "bf16", "agreement": 0.999987, "threshold": 0.999,
+             "images": 8, "used": "bf16"}
+    assert _precision({"precision": "bf16", "precision_check": check}) == \
+        "precision  bf16 (cosine 0.99999 against fp32 on 8 check images at start)"
+    forced = {**check, "requested": "bf16", "agreement": 0.98}
+    assert "(forced; cosine 0.98000" in _precision({"precision": "bf16",
+                                                     "precision_check": forced})
+    assert _precision({"precision": "bf16"}) == "precision  bf16"  # a GPU store
 
 
 @pytest.fixture(scope="module")
