@@ -25,33 +25,31 @@ from corpus import build
 from PIL import Image
 
 from imgfeat.models.preprocess import Preprocess
-from imgfeat.pipeline import cpu_decode
+from imgfeat.pipeline.cpu_decode import decode, pixels_from_bytes
 
 PREPROCESS = Preprocess()
 
 
-def pillow_decode(data: bytes, max_pixels, min_side):
-    """imgfeat's decode with Pillow for every format (its draft mode for JPEGs)."""
-    module, cpu_decode.simplejpeg = cpu_decode.simplejpeg, None
-    try:
-        return cpu_decode.decode(data, max_pixels, min_side)
-    finally:
-        cpu_decode.simplejpeg = module
-
-
 def decoders() -> dict:
-    """name -> bytes -> RGB array at the size the decoder chose (draft: >= draft_side)."""
+    """name -> (bytes -> RGB array at the decoder's size, bytes -> 224 x 224 pixels)."""
     side = PREPROCESS.draft_side
-    found = {"Pillow (draft mode)": lambda data: np.asarray(pillow_decode(data, None, side))}
+    geometry = PREPROCESS.geometry  # takes arrays and Pillow images alike
+    found = {"Pillow (draft mode)": (
+        lambda data: np.asarray(decode(data, None, side)),
+        lambda data: geometry(decode(data, None, side)))}
     try:
         import simplejpeg
 
-        found["imgfeat: simplejpeg, Pillow's header and DCT scale"] = lambda data: np.asarray(
-            cpu_decode.decode(data, None, side))
-        found["simplejpeg, any M/8 DCT scale"] = lambda data: simplejpeg.decode_jpeg(
-            data, "RGB", min_height=side, min_width=side)
-        found["simplejpeg, fast DCT + upsampling"] = lambda data: simplejpeg.decode_jpeg(
-            data, "RGB", fastdct=True, fastupsample=True, min_height=side, min_width=side)
+        found["imgfeat: simplejpeg to an array (Pillow's header and DCT scale)"] = (
+            lambda data: decode(data, None, side, as_array=True),
+            lambda data: pixels_from_bytes(data, PREPROCESS, None))
+        for name, fast in (("simplejpeg, any M/8 DCT scale", False),
+                           ("simplejpeg, any scale, fast DCT + upsampling", True)):
+            def plain(data, fast=fast):
+                return simplejpeg.decode_jpeg(data, "RGB", fastdct=fast, fastupsample=fast,
+                                              min_height=side, min_width=side)
+
+            found[name] = (plain, lambda data, plain=plain: geometry(plain(data)))
     except ImportError:
         pass
     try:
@@ -66,7 +64,8 @@ def decoders() -> dict:
             scale = min(fits, key=lambda f: f[0] / f[1], default=(1, 1))
             return turbo.decode(data, pixel_format=TJPF_RGB, scaling_factor=scale)
 
-        found["PyTurboJPEG (libturbojpeg, DCT scaling)"] = turbo_decode
+        found["PyTurboJPEG (libturbojpeg, DCT scaling)"] = (
+            turbo_decode, lambda data: geometry(turbo_decode(data)))
     except (ImportError, RuntimeError, OSError):
         pass
     return found
@@ -98,17 +97,12 @@ def measure(datas: list[bytes]) -> list[tuple[str, float, float, int, float]]:
     """(decoder, decode rate, decode + geometry rate, max pixel difference from Pillow's,
     fraction of pixels more than 1 level off)."""
     rows = []
-    reference = [PREPROCESS.geometry(pillow_decode(d, None, PREPROCESS.draft_side))
-                 for d in datas]
-    for name, decode in decoders().items():
-        def shaped(data, decode=decode):
-            return PREPROCESS.geometry(Image.fromarray(decode(data)))
-
-        got = [shaped(d) for d in datas]
-        diffs = [np.abs(a.astype(int) - b.astype(int)) for a, b in zip(got, reference)]
-        rows.append((name, best_rate(decode, datas), best_rate(shaped, datas),
-                     max(int(d.max()) for d in diffs), float(np.mean([(d > 1).mean()
-                                                                      for d in diffs]))))
+    reference = [PREPROCESS.geometry(decode(d, None, PREPROCESS.draft_side)) for d in datas]
+    for name, (decoded, shaped) in decoders().items():
+        diffs = [np.abs(shaped(d).astype(int) - r.astype(int)) for d, r in zip(datas, reference)]
+        rows.append((name, best_rate(decoded, datas), best_rate(shaped, datas),
+                     max(int(d.max()) for d in diffs),
+                     float(np.mean([(d > 1).mean() for d in diffs]))))
     return rows
 
 
@@ -117,7 +111,7 @@ def geometry_lines(datas: list[bytes]) -> list[str]:
     import torch
 
     torch.set_num_threads(1)
-    images = [pillow_decode(d, None, PREPROCESS.draft_side) for d in datas]
+    images = [decode(d, None, PREPROCESS.draft_side) for d in datas]
     lines = []
     for interpolation in ("bilinear", "bicubic"):
         preprocess = Preprocess(interpolation=interpolation)
@@ -148,8 +142,8 @@ def main() -> None:
              "share > 1 level |", "|---|---|---|---|---|---|"]
     for label, datas in ((f"{len(small)} of 500x375", small), (f"{len(large)} of 2048x1536",
                                                                  large)):
-        for name, decode, shaped, worst, share in measure(datas):
-            lines.append(f"| {label} | {name} | {decode:.0f} | {shaped:.0f} | {worst} | "
+        for name, decoded, shaped, worst, share in measure(datas):
+            lines.append(f"| {label} | {name} | {decoded:.0f} | {shaped:.0f} | {worst} | "
                          f"{share:.4f} |")
     lines += ["", "| filter | Pillow crop-region resize, img/s | imgfeat (torch kernels), img/s | "
               "max diff | share > 1 level |", "|---|---|---|---|---|",

@@ -75,8 +75,16 @@ class Preprocess:
     def scale_size(self) -> tuple[int, int]:
         return tuple(math.floor(s / self.crop_pct) for s in self.size)
 
-    def geometry(self, image: Image.Image) -> np.ndarray:
-        """Resize and crop an RGB image to `size`; uint8 array of shape (H, W, 3)."""
+    @property
+    def takes_arrays(self) -> bool:
+        """Whether `geometry` also takes (H, W, 3) uint8 arrays, not only Pillow images."""
+        return self.mode != "pad" and self.interpolation in _TENSOR_FILTERS
+
+    def geometry(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """Resize and crop an RGB image to `size`; uint8 array of shape (H, W, 3). An array
+        is taken where `takes_arrays` says so."""
+        if isinstance(image, np.ndarray):
+            return self._array_geometry(image)
         resample = INTERPOLATIONS[self.interpolation]
         if self.mode == "pad":
             image = _fit_inside(image, self.scale_size, resample)
@@ -112,6 +120,13 @@ class Preprocess:
         box = (left * step_x, top * step_y, (left + crop_w) * step_x, (top + crop_h) * step_y)
         return np.asarray(image.resize((crop_w, crop_h), PIL_FILTERS[self.interpolation],
                                        box=box))
+
+    def _array_geometry(self, pixels: np.ndarray) -> np.ndarray:
+        if not self.takes_arrays:
+            raise ValueError(f"{self.mode}/{self.interpolation} geometry needs a Pillow image")
+        height, width = pixels.shape[:2]
+        target = self.scale_size if self.mode == "squash" else self.resized_size(height, width)
+        return self._tensor_resize_crop(pixels, *target)
 
     def _tensor_resize_crop(self, pixels: np.ndarray, height: int, width: int) -> np.ndarray:
         """Resize to (height, width), then centre crop, with torch's antialiased uint8
