@@ -134,7 +134,7 @@ def _extract(engine: LocalEngine, layout: Layout, manifest: dict, sources: list[
         recorded = recorded_shards(layout)
         planner = plan_shards(iter_items(sources), layout, opts.shard_size,
                               recorded, skip_known=plan["complete"])
-        stream = PlannerStream(planner, known=recorded if plan["complete"] else ())
+        stream = PlannerStream(planner, known=recorded)  # the planner yields only new shards
     watched = _Watched(NodeSlice(stream, node.count, node.rank), committed, reporter,
                        lambda shards: _plan_complete(layout, manifest, shards, node))
     reporter.start(total=None)
