@@ -44,12 +44,15 @@ class DeviceWorker:
         self.layout = Layout(out)
         self.extractor = build_extractor(opts, placement.device, self._recorded(opts))
         batch_size = opts.batch_size or auto_batch(self.extractor)
-        threads, shares_cores = placement.decode_threads, placement.device == "cpu"
-        if shares_cores:
+        threads, shares_cores = placement.decode_threads, False
+        if placement.device == "cpu":
             model_threads = cpu_model_threads(self.extractor, batch_size,
                                               placement.torch_threads)
             torch.set_num_threads(model_threads)
             threads = opts.threads or cpu_decode_threads(model_threads, placement.torch_threads)
+            # Decoding yields only where it would take the model's cores: on cores of its own
+            # (a pipeline), low priority only starved it behind any other process.
+            shares_cores = model_threads + threads > placement.torch_threads
         self.pipeline = ShardPipeline(self.extractor, self.layout, batch_size=batch_size,
                              threads=threads, max_pixels=opts.max_pixels,
                              profile=opts.profile, yield_to_model=shares_cores,
