@@ -1,6 +1,7 @@
 """imgfeat against what users run today, side by side on the same JPEGs and the same model:
 
-1. imgfeat end to end (`imgfeat extract`, a whole process, start-up included);
+1. imgfeat end to end (`imgfeat extract`, a whole process, start-up included), at each
+   precision: fp32, and on a CPU also bf16 (start-up includes its check against fp32);
 2. the seed recipe ported to PyTorch: one image at a time, PIL, batch size 1;
 3. the conventional script: Dataset + PIL + the model's transform, DataLoader with
    num_workers = cores, pin_memory, batch 64, the same precision;
@@ -11,7 +12,8 @@
 5. the decode-only ceiling: decode + preprocess on all cores, no model.
 
 Lines 2 and 3 also run as whole processes (start-up included), like line 1. Ceilings are
-steady-state rates. Prints images/s and ratios and writes them to docs/benchmarks.md.
+steady-state rates; the model-only ceiling, and so the serial-sum ceiling, is measured at
+each precision of line 1. Prints images/s and ratios and writes them to docs/benchmarks.md.
 
     python bench/throughput.py [--count 2000] [--model timm:resnet50 ...]
 """
@@ -157,7 +159,8 @@ def conventional(corpus: Path, spec: str) -> float:
     return rate
 
 
-def model_ceiling(spec: str, seconds: float = 4.0) -> tuple[float, float]:
+def model_ceiling(spec: str, precision: str | None = None,
+                  seconds: float = 4.0) -> tuple[float, float]:
     """The model alone on preprocessed images in memory, at its best batch size: (as imgfeat
     runs it: uint8 batches through its model side, frozen graph and allocator setting
     included; the eager timm model on float tensors, in this process and so with the same
@@ -169,8 +172,10 @@ def model_ceiling(spec: str, seconds: float = 4.0) -> tuple[float, float]:
     from imgfeat.pipeline.host_memory import keep_freed_memory
 
     keep_freed_memory()  # the setting imgfeat's workers run with: a process-wide choice
-    device, precision = device_and_precision()
-    extractor = build_extractor(ExtractOptions(model=spec, weights="random"), device)
+    device, default = device_and_precision()
+    precision = precision or default
+    extractor = build_extractor(ExtractOptions(model=spec, weights="random",
+                                               precision=precision), device)
     model, _ = build_model(spec, device)
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     mine = eager = 0.0
@@ -232,49 +237,75 @@ def timed_process(args: list[str]) -> float:
     return time.perf_counter() - began
 
 
+def precisions() -> list[str]:
+    """fp32, and bf16 where a CPU has the units for it (or the GPU's own precision)."""
+    from imgfeat.compute.precision import cpu_caps
+
+    device, precision = device_and_precision()
+    if device == "cuda":
+        return [precision]
+    return ["fp32", "bf16"] if cpu_caps().bf16_matrix_units else ["fp32"]
+
+
 def measure(corpus: Path, small: Path, spec: str, work: Path, extra: list[str]
-            ) -> dict[str, tuple[float, float]]:
-    """(end-to-end rate, steady rate) per line. The steady rate of a whole-process line is
-    taken from two runs, on the corpus and on its first images: the difference cancels the
-    start-up (imports, model build, worker start) that both runs pay."""
+            ) -> list[tuple[str, str, float, float]]:
+    """(line, precision, end-to-end rate, steady rate) per line. The steady rate of a
+    whole-process line is taken from two runs, on the corpus and on its first images: the
+    difference cancels the start-up (imports, model build, worker start) that both runs pay."""
     count, few = len(files_of(corpus)), len(files_of(small))
     me = [sys.executable, str(Path(__file__).resolve())]
-    commands = {
-        "imgfeat": lambda c: imgfeat_command(c, work / "out", "--model", spec, *extra),
-        "seed recipe": lambda c: [*me, "--line", "seed", "--corpus", str(c), "--model", spec],
-        "conventional": lambda c: [*me, "--line", "conventional", "--corpus", str(c),
-                                   "--model", spec],
-    }
-    rates = {}
-    for line, command in commands.items():
+    baseline = device_and_precision()[1]
+    commands = {("imgfeat", p): lambda c, p=p: imgfeat_command(
+        c, work / "out", "--model", spec, "--precision", p, *extra) for p in precisions()}
+    commands[("seed recipe", baseline)] = lambda c: [
+        *me, "--line", "seed", "--corpus", str(c), "--model", spec]
+    commands[("conventional", baseline)] = lambda c: [
+        *me, "--line", "conventional", "--corpus", str(c), "--model", spec]
+    rows = []
+    for (line, precision), command in commands.items():
         full, short = timed_process(command(corpus)), timed_process(command(small))
-        rates[line] = (count / full, (count - few) / max(full - short, 1e-9))
-    for line in ("model", "decode"):
-        output = subprocess.run([*me, "--line", line, "--corpus", str(corpus), "--model", spec],
-                                check=True, capture_output=True, text=True).stdout
-        rate, *others = json.loads(output.strip().splitlines()[-1])
-        rates[f"{line}-only ceiling"] = (rate, rate)
-        if others:
-            rates["model only, eager timm model"] = (others[0], others[0])
-    return rates
+        rows.append((line, precision, count / full, (count - few) / max(full - short, 1e-9)))
+    for precision in precisions():
+        rate, eager = _line_output(me, "model", corpus, spec, precision)
+        rows.append(("model-only ceiling", precision, rate, rate))
+        rows.append(("model only, eager timm model", precision, eager, eager))
+    decode = _line_output(me, "decode", corpus, spec, baseline)[0]
+    rows.append(("decode-only ceiling", "-", decode, decode))
+    return rows
 
 
-def report(spec: str, count: int, rates: dict[str, tuple[float, float]]) -> str:
-    decode = rates["decode-only ceiling"][1]
-    model = max(rates["model-only ceiling"][1],
-                rates.get("model only, eager timm model", (0, 0))[1])
-    if cores() <= 4:  # decode and model share the cores: the best is their serial sum
-        ceiling, name = 1 / (1 / decode + 1 / model), "serial sum"
-    else:
-        ceiling, name = min(decode, model), "min"
-    mine = rates["imgfeat"]
+def _line_output(me: list[str], line: str, corpus: Path, spec: str, precision: str) -> list:
+    output = subprocess.run([*me, "--line", line, "--corpus", str(corpus), "--model", spec,
+                             "--precision", precision],
+                            check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def report(spec: str, count: int, rows: list[tuple[str, str, float, float]]) -> str:
+    steady = {(line, precision): rate for line, precision, _, rate in rows}
+    decode = steady[("decode-only ceiling", "-")]
+    shared = cores() <= 4  # decode and model share the cores: the best is their serial sum
+    name = "serial sum" if shared else "min"
+    ceilings = {}
+    for precision in precisions():
+        model = max(steady[("model-only ceiling", precision)],
+                    steady[("model only, eager timm model", precision)])
+        ceilings[precision] = 1 / (1 / decode + 1 / model) if shared else min(decode, model)
+        rows.append((f"ceiling: {name} of decode and model", precision, 0.0,
+                     ceilings[precision]))
     lines = [f"{count} JPEGs.", "",
-             "| line | end to end, images/s | steady, images/s | imgfeat (steady) is x |",
-             "|---|---|---|---|"]
-    for line, (end_to_end, steady) in rates.items():
-        lines.append(f"| {line} | {end_to_end:.1f} | {steady:.1f} | {mine[1] / steady:.2f} |")
-    lines.append(f"| ceiling: {name} of decode and model | | {ceiling:.1f} | "
-                 f"{mine[1] / ceiling:.2f} |")
+             "| line | precision | end to end, images/s | steady, images/s | "
+             "imgfeat (steady, same precision) is x |", "|---|---|---|---|---|"]
+    for line, precision, end_to_end, rate in rows:
+        mine = steady.get(("imgfeat", precision), steady[("imgfeat", "fp32")])
+        lines.append(f"| {line} | {precision} | {f'{end_to_end:.1f}' if end_to_end else ''} | "
+                     f"{rate:.1f} | {mine / rate:.2f} |")
+    if "bf16" in ceilings:
+        fast, slow = steady[("imgfeat", "bf16")], steady[("imgfeat", "fp32")]
+        ends = {p: e for line, p, e, _ in rows if line == "imgfeat"}
+        lines += ["", f"imgfeat bf16 against imgfeat fp32: {fast / slow:.2f}x steady, "
+                  f"{ends['bf16'] / ends['fp32']:.2f}x end to end; imgfeat bf16 is "
+                  f"{fast / ceilings['bf16']:.2f} of its bf16 {name} ceiling."]
     return "\n".join(lines)
 
 
@@ -285,6 +316,7 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path)
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--model", action="append")
+    parser.add_argument("--precision", help="the precision of a --line model run")
     parser.add_argument("--imgfeat-option", action="append", default=[],
                         help="extra option for the imgfeat line (repeatable)")
     parser.add_argument("--work", type=Path,
@@ -297,22 +329,26 @@ def main() -> None:
         elif args.line == "conventional":
             print(json.dumps([conventional(args.corpus, spec)]))
         elif args.line == "model":
-            print(json.dumps(model_ceiling(spec)))
+            print(json.dumps(model_ceiling(spec, args.precision)))
         else:
             print(json.dumps([decode_ceiling(args.corpus, spec)]))
         return
     corpus = build(args.work / f"corpus-{args.count}", args.count)
     small = build(args.work / "corpus-100", 100)
-    device, precision = device_and_precision()
+    device, _ = device_and_precision()
     for spec in args.model or ["timm:resnet50", "timm:mobilenetv3_small_100"]:
-        rates = measure(corpus, small, spec, args.work, args.imgfeat_option)
-        section = report(spec, args.count, rates)
+        load = os.getloadavg()[0]
+        rows = measure(corpus, small, spec, args.work, args.imgfeat_option)
+        section = report(spec, args.count, rows)
         print(section, "\n", flush=True)
         write_section(f"Throughput against the alternatives: {spec} ({device})",
-                      f"Machine: {machine()}; commit {commit()}; precision {precision}; random "
-                      "weights; 500x375 JPEGs (quality 90). All lines measured in the same run. "
-                      "Lines 1-3 are whole processes: end to end includes start-up; steady is "
-                      "(N - 100) / (time on N - time on the first 100).\n\n" + section)
+                      f"Machine: {machine()}; commit {commit()}; load average {load:.1f} at "
+                      f"the start, {os.getloadavg()[0]:.1f} at the end; random weights; "
+                      "500x375 JPEGs (quality 90). All lines measured in the same run; the "
+                      "seed recipe and the conventional script at the device's usual precision "
+                      "(fp32 on CPU). Lines 1-3 are whole processes: end to end includes "
+                      "start-up; steady is (N - 100) / (time on N - time on the first 100)."
+                      "\n\n" + section)
 
 
 if __name__ == "__main__":

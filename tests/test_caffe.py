@@ -175,7 +175,8 @@ def test_extract_runs_a_caffe_net_with_caffe_preprocessing(vgg, tmp_path):
     store = imgfeat.extract([str(p) for p in photos], tmp_path / "out",
                             model=str(folder / "v1.prototxt"),
                             weights=str(folder / "v1.caffemodel"), layer=["fc7", "pool5"],
-                            pool="none", dtype="float32", progress="none", devices="cpu:1")
+                            pool="none", dtype="float32", progress="none", devices="cpu:1",
+                            precision="fp32")  # against an fp32 reference
     assert store.layers == ["fc7", "pool5"]
     preprocess = caffe_preprocess((SIZE, SIZE))
     rgb = np.stack([preprocess.geometry(decode(p.read_bytes(), min_side=preprocess.draft_side))
@@ -203,7 +204,8 @@ def test_mean_file_and_input_scale(vgg, tmp_path):
     store = imgfeat.extract([str(photo)], tmp_path / "out", model=str(folder / "v2.prototxt"),
                             weights=str(folder / "v2.caffemodel"), layer="fc7",
                             mean_file=str(tmp_path / "mean.binaryproto"), input_scale=0.5,
-                            dtype="float32", progress="none", devices="cpu:1")
+                            dtype="float32", progress="none", devices="cpu:1",
+                            precision="fp32")
     preprocess = caffe_preprocess((SIZE, SIZE))
     rgb = preprocess.geometry(decode(photo.read_bytes(), min_side=preprocess.draft_side))
     bgr = torch.from_numpy(rgb[None, ..., ::-1].astype(np.float32).copy()).permute(0, 3, 1, 2)

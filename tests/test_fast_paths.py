@@ -16,7 +16,7 @@ from torchvision.transforms import functional as F
 from imgfeat.compute.extractor import Extractor
 from imgfeat.models.base import LoadedModel
 from imgfeat.models.preprocess import INTERPOLATIONS, Preprocess
-from imgfeat.pipeline.core_split import cpu_decode_threads
+from imgfeat.pipeline.core_split import cpu_decode_threads, decode_cores
 from imgfeat.pipeline.cpu_decode import decode
 from imgfeat.pipeline.host_memory import keep_freed_memory
 from imgfeat.pipeline.shard_pipeline import DECODE_NICENESS, ShardPipeline
@@ -99,6 +99,17 @@ def test_cpu_cores_split_between_model_and_decoding():
     assert cpu_decode_threads(model_threads=2, cores=2) == 2  # in the model's gaps
 
 
+def test_cores_go_where_they_run_most_images():
+    # ResNet-50, fp32 and bf16: the model is the bottleneck; it shares every core
+    assert decode_cores(model_rate=20, decode_rate=450, cores=2) == 0
+    assert decode_cores(model_rate=43, decode_rate=450, cores=2) == 0
+    # MobileNetV3-small, fp32 and bf16: a core decodes, a core runs the model
+    assert decode_cores(model_rate=950, decode_rate=450, cores=2) == 1
+    assert decode_cores(model_rate=1150, decode_rate=450, cores=2) == 1
+    assert decode_cores(model_rate=5000, decode_rate=450, cores=2) == 1  # never every core
+    assert decode_cores(model_rate=3000, decode_rate=450, cores=8) == 4
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority: Linux")
 @pytest.mark.parametrize("yields", [True, False])
 def test_decode_threads_yield_to_the_model_when_asked(tmp_path, yields):
@@ -121,3 +132,14 @@ def test_allocator_keeps_freed_memory_on_glibc():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
     assert keep_freed_memory()
+
+
+def test_resizing_in_a_decode_thread_leaves_the_model_its_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = decode(photo_paths()[0].read_bytes(), None)
+    before = torch.get_num_threads()
+    with ThreadPoolExecutor(1) as pool:
+        in_thread = pool.submit(lambda: (Preprocess(interpolation="bicubic").geometry(image),
+                                         torch.get_num_threads())).result()[1]
+    assert in_thread == 1 and torch.get_num_threads() == before

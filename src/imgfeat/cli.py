@@ -277,6 +277,7 @@ def describe(store) -> str:
         *[f"features   {len(store):,} x {shape} {store.dtype}"
           + (f"  ({layer})" if len(store.layers) > 1 else "")
           for layer, shape in store.feature_shapes.items()],
+        _precision(m),
         f"errors     {len(store.errors):,}",
         f"shards     {len(store.shards)} committed of "
         f"{planned if planned is not None else '? (plan not finished)'}",
@@ -295,6 +296,19 @@ def describe(store) -> str:
         for reason, count in groups.most_common():
             lines.append(f"  {count:>8,}  {reason}  (e.g. {example[reason]})")
     return "\n".join(lines)
+
+
+def _precision(manifest: dict) -> str:
+    """The precision a store was computed in and, where bf16 was checked, how it agreed."""
+    line = f"precision  {manifest.get('precision', '?')}"
+    check = manifest.get("precision_check")
+    if not check:
+        return line
+    measured = f"cosine {check['agreement']:.5f} against fp32"
+    if check["used"] != check["tried"]:
+        return f"{line} (bf16 tried: {measured}, under {check['threshold']})"
+    forced = "forced; " if check["agreement"] < check["threshold"] else ""
+    return f"{line} ({forced}{measured} on {check['images']} check images at start)"
 
 
 def _batch_size(text: str) -> int | None:

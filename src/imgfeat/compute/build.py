@@ -3,17 +3,22 @@ whitening, device and precision, checked before any work."""
 
 from __future__ import annotations
 
-from imgfeat.compute.device import resolve_device, resolve_precision
+from pathlib import Path
+
+from imgfeat.compute.device import resolve_device
+from imgfeat.compute.precision import choose_precision
 
 
-def build_extractor(opts, device: str):
-    """The model on `device`, checked: unknown models, layers or weights raise UsageError."""
+def build_extractor(opts, device: str, recorded: dict | None = None):
+    """The model on `device`, checked: unknown models, layers or weights raise UsageError.
+    `recorded`: the manifest of the store this run continues, whose precision it keeps."""
     from imgfeat.compute.extractor import Extractor
     from imgfeat.models import load_model
     from imgfeat.models.layers import resolve_layers
 
     device_ = resolve_device(device)
-    precision = resolve_precision(opts.precision, device_)
+    choice = choose_precision(opts.precision, device_, recorded,
+                              runs_in_torch=Path(opts.model).suffix.lower() != ".onnx")
     model = load_model(opts.model, opts.weights)
     layers = resolve_layers(model, opts.layers)
     size = (opts.image_size, opts.image_size) if opts.image_size else None
@@ -26,10 +31,16 @@ def build_extractor(opts, device: str):
         from imgfeat.compute.whitening import load
 
         whitening = load(opts.whiten)
-    return Extractor(model, layers, preprocess, device=device_, precision=precision,
-                     pool=opts.pool, l2=opts.l2, dtype=opts.dtype, gem_p=opts.gem_p,
-                     scales=tuple(opts.scales), whitening=whitening, freeze=opts.freeze,
-                     compile=opts.compile)
+    extractor = Extractor(model, layers, preprocess, device=device_,
+                          precision=choice.precision, pool=opts.pool, l2=opts.l2,
+                          dtype=opts.dtype, gem_p=opts.gem_p, scales=tuple(opts.scales),
+                          whitening=whitening, freeze=opts.freeze, compile=opts.compile)
+    extractor.precision_check = choice.recorded
+    if choice.guard:
+        from imgfeat.compute.fidelity import guard
+
+        guard(extractor, choice.may_fall_back, opts.precision)
+    return extractor
 
 
 def _normalisation(opts) -> tuple[tuple | None, tuple | None]:

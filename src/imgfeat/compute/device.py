@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from imgfeat.errors import UsageError
-from imgfeat.options import PRECISIONS
 
 
 def resolve_device(spec: str):
@@ -28,16 +27,11 @@ def resolve_device(spec: str):
 
 
 def resolve_precision(precision: str, device) -> str:
-    """`auto` is bf16 on GPUs that have it, else fp16 on GPU, and fp32 on CPU."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        import torch
+    """`auto` is bf16 on GPUs that have it, else fp16 on GPU; on CPU, bf16 where the CPU has
+    bf16 matrix units, else fp32 (see compute.precision, which also checks bf16 at start)."""
+    from imgfeat.compute.precision import choose_precision
 
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return choose_precision(precision, device).precision
 
 
 def autocast_dtype(precision: str):

@@ -41,13 +41,28 @@ class Extractor:
         self._copies = None  # the CUDA stream that uploads batches
         self._tap = model.make_tap(self.layers, device) if model.make_tap \
             else Tap(model, self.layers)
+        self._run, self._graph = self._features, None
         self.feature_shapes = self._probe()
-        self._run = self._features
-        self.frozen = freeze and not compile and self._freeze()
-        if compile:
+        self.precision_check: dict | None = None  # bf16 against fp32 (compute.fidelity)
+        self._freeze_wanted, self.compiled = freeze and not compile, compile
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """The model side for this precision: compiled, frozen where that checks out, or
+        eager."""
+        self._run, self._graph, self.frozen = self._features, None, False
+        if self.compiled:
             from imgfeat.compute.torch_compile import Compiled
 
             self._run = Compiled(self._features)
+        elif self._freeze_wanted:
+            self.frozen = self._freeze()
+
+    def use_precision(self, precision: str) -> None:
+        """Compute in `precision` from now on (the fidelity check's fall-back to fp32)."""
+        if precision != self.precision:
+            self.precision = precision
+            self._prepare()
 
     @contextlib.contextmanager
     def eagerly(self):
@@ -60,8 +75,8 @@ class Extractor:
 
     def _freeze(self) -> bool:
         """Swap the eager model side for a checked frozen graph where that pays: on CPU, in
-        fp32 (on a GPU, kernels dominate and --compile is the tool)."""
-        if self.device.type != "cpu" or autocast_dtype(self.precision) is not None:
+        fp32 or bf16 (on a GPU, kernels dominate and --compile is the tool)."""
+        if self.device.type != "cpu" or self.precision not in ("fp32", "bf16"):
             return False
         from imgfeat.compute.torchscript import freeze
 
@@ -69,10 +84,11 @@ class Extractor:
         example, check = (self._to_input(torch.randint(
             0, 256, (n, *self.preprocess.size, 3), dtype=torch.uint8, generator=generator))
             for n in (2, 3))
-        frozen = freeze(self.module, self._features, example, check)
+        frozen = freeze(self.module, self._features, example, check,
+                        autocast_dtype(self.precision))
         if frozen is None:
             return False
-        self._run = frozen
+        self._run = self._graph = frozen
         return True
 
     def identity(self) -> dict:
@@ -88,6 +104,7 @@ class Extractor:
             "l2": self.l2,
             "preprocess": self.preprocess.to_dict(),
             "precision": self.precision,
+            "precision_check": self.precision_check,
             "dtype": self.dtype.name,
         }
 
@@ -127,10 +144,23 @@ class Extractor:
 
     def finish(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Host-side last steps: whitening, then the stored dtype."""
-        if self.whitening is not None:
-            features = {layer: self.whitening.apply(array, l2=self.l2)
-                        for layer, array in features.items()}
-        return {layer: array.astype(self.dtype, copy=False) for layer, array in features.items()}
+        return {layer: array.astype(self.dtype, copy=False)
+                for layer, array in self._whiten(features).items()}
+
+    def float_features(self, batch: torch.Tensor, fp32: bool = False) -> dict[str, np.ndarray]:
+        """What would be stored, before the stored dtype: as this extractor runs, or with
+        `fp32` eagerly in float32 (the reference of the fidelity check)."""
+        run = self._features if fp32 else self._run
+        with self._context(autocast=not fp32):
+            tensors = run(self._to_input(self._upload(batch)))
+        return self._whiten({layer: tensor.float().cpu().numpy()
+                             for layer, tensor in tensors.items()})
+
+    def _whiten(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.whitening is None:
+            return features
+        return {layer: self.whitening.apply(array, l2=self.l2)
+                for layer, array in features.items()}
 
     def _upload(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda" or batch.device == self.device:
@@ -172,11 +202,12 @@ class Extractor:
             pixels = pixels.flip(1)
         return pixels.mul_(self._scale).add_(self._shift)  # in place: half the memory traffic
 
-    def _context(self):
+    def _context(self, autocast: bool = True):
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
         dtype = autocast_dtype(self.precision)
-        if dtype is not None:
+        # A frozen bf16 graph holds its casts: autocast around it would only add dispatch.
+        if dtype is not None and autocast and self._run is not self._graph:
             stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
         return stack
 

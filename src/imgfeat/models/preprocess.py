@@ -8,6 +8,8 @@ happens where it is cheap. The geometry mirrors timm's eval transform exactly.
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -20,8 +22,13 @@ from imgfeat.errors import UsageError
 from imgfeat.options import INTERPOLATIONS as INTERPOLATION_NAMES
 from imgfeat.options import RESIZE_MODES
 
+# Pillow's pixels come as a read-only array, which torch only reads here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
+                        module=r"imgfeat\.")
+
 INTERPOLATIONS = {name: InterpolationMode(name) for name in INTERPOLATION_NAMES}
 PIL_FILTERS = {name: getattr(Image.Resampling, name.upper()) for name in INTERPOLATION_NAMES}
+_TENSOR_FILTERS = ("bilinear", "bicubic")  # torch's antialiased uint8 kernels follow Pillow's
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,16 @@ class Preprocess:
     def scale_size(self) -> tuple[int, int]:
         return tuple(math.floor(s / self.crop_pct) for s in self.size)
 
-    def geometry(self, image: Image.Image) -> np.ndarray:
-        """Resize and crop an RGB image to `size`; uint8 array of shape (H, W, 3)."""
+    @property
+    def takes_arrays(self) -> bool:
+        """Whether `geometry` also takes (H, W, 3) uint8 arrays, not only Pillow images."""
+        return self.mode != "pad" and self.interpolation in _TENSOR_FILTERS
+
+    def geometry(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """Resize and crop an RGB image to `size`; uint8 array of shape (H, W, 3). An array
+        is taken where `takes_arrays` says so."""
+        if isinstance(image, np.ndarray):
+            return self._array_geometry(image)
         resample = INTERPOLATIONS[self.interpolation]
         if self.mode == "pad":
             image = _fit_inside(image, self.scale_size, resample)
@@ -79,8 +94,10 @@ class Preprocess:
             target = list(self.scale_size)
         else:
             target = list(self.resized_size(image.height, image.width))
-            if (pixels := self._resize_crop(image, *target)) is not None:
-                return pixels
+        if self.interpolation in _TENSOR_FILTERS:
+            return self._tensor_resize_crop(np.asarray(image), *target)
+        if self.mode == "crop" and (pixels := self._resize_crop(image, *target)) is not None:
+            return pixels
         image = F.resize(image, target, interpolation=resample)
         return np.asarray(F.center_crop(image, list(self.size)))
 
@@ -104,6 +121,29 @@ class Preprocess:
         return np.asarray(image.resize((crop_w, crop_h), PIL_FILTERS[self.interpolation],
                                        box=box))
 
+    def _array_geometry(self, pixels: np.ndarray) -> np.ndarray:
+        if not self.takes_arrays:
+            raise ValueError(f"{self.mode}/{self.interpolation} geometry needs a Pillow image")
+        height, width = pixels.shape[:2]
+        target = self.scale_size if self.mode == "squash" else self.resized_size(height, width)
+        return self._tensor_resize_crop(pixels, *target)
+
+    def _tensor_resize_crop(self, pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+        """Resize to (height, width), then centre crop, with torch's antialiased uint8
+        kernels, which follow Pillow's filters: 2x (bilinear) and 2.6x (bicubic) the speed of
+        Pillow's crop-region resize on one core here, the same pixels within one level for
+        bilinear and within a few levels on a few pixels in 10^5 for bicubic (rounding
+        between the two passes). One image is one task for torch, so the decode threads
+        that call this take no cores from the model's thread pool."""
+        _one_torch_thread()
+        image = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+        resized = torch.nn.functional.interpolate(image, size=(height, width),
+                                                  mode=self.interpolation, antialias=True,
+                                                  align_corners=False)
+        crop_h, crop_w = self.size
+        top, left = round((height - crop_h) / 2.0), round((width - crop_w) / 2.0)
+        return resized[0, :, top:top + crop_h, left:left + crop_w].permute(1, 2, 0).numpy()
+
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) of crop mode's aspect-keeping resize, rounded as torchvision."""
         scale = self.scale_size
@@ -119,6 +159,18 @@ class Preprocess:
         std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         return 1.0 / (255.0 * std), -mean / std
+
+
+_THREAD = threading.local()
+
+
+def _one_torch_thread() -> None:
+    """Keep torch to this thread in a decode thread: otherwise each one opens an OpenMP team
+    as large as the model's, and those teams spin on the model's cores."""
+    if not getattr(_THREAD, "single", False) and threading.current_thread() is not \
+            threading.main_thread():
+        torch.set_num_threads(1)
+    _THREAD.single = True
 
 
 def _fit_inside(image: Image.Image, box: tuple[int, int], resample) -> Image.Image:

@@ -16,6 +16,7 @@ from PIL import Image, ImageFile, ImageOps
 from imgfeat.errors import ImageError
 from imgfeat.models.preprocess import Preprocess
 from imgfeat.options import DEFAULT_MAX_PIXELS
+from imgfeat.pipeline import jpeg_decode
 from imgfeat.report.stage_times import OFF
 
 # Our own limit replaces Pillow's; a global warning filter would hide it from users' code.
@@ -28,11 +29,12 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def decode(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-           min_side: int | None = None) -> Image.Image:
+           min_side: int | None = None, as_array: bool = False) -> Image.Image | np.ndarray:
     """Decode an encoded image to RGB: first frame, EXIF orientation applied.
 
     With `min_side`, a JPEG at least twice that size on both sides is decoded at 1/2, 1/4
     or 1/8 scale (Pillow's draft: the DCT does the downscaling), never below `min_side`.
+    With `as_array`, a colour JPEG may come as an (H, W, 3) array (see jpeg_decode).
     """
     if not data:
         raise ImageError("empty file")
@@ -43,6 +45,11 @@ def decode(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"unreadable image header: {exc}") from None
     _check_size(image, max_pixels)
+    if as_array and jpeg_decode.takes(image):
+        try:
+            return jpeg_decode.decode_jpeg(data, image, min_side)
+        except ValueError as exc:
+            raise ImageError(f"corrupt or truncated image (JPEG): {exc}") from None
     if min_side and image.format == "JPEG":
         image.draft(None, (min_side, min_side))
     try:
@@ -50,7 +57,7 @@ def decode(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
             warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": harmless, not ours to print
             image.seek(0)
             image.load()
-            image = ImageOps.exif_transpose(image) or image
+            ImageOps.exif_transpose(image, in_place=True)  # a copy per image otherwise
             return to_rgb(image)
     except ImageError:
         raise
@@ -101,7 +108,8 @@ def pixels_from_bytes(data: bytes, preprocess: Preprocess, max_pixels: int | Non
     """Decode and shape one encoded image on the CPU, or say why it cannot be."""
     try:
         with times.stage("decode"):
-            image = decode(data, max_pixels, preprocess.draft_side)
+            image = decode(data, max_pixels, preprocess.draft_side,
+                           as_array=preprocess.takes_arrays)
         with times.stage("preprocess"):
             return preprocess.geometry(image)
     except ImageError as exc:

@@ -42,19 +42,22 @@ class DeviceWorker:
         torch.set_num_threads(placement.torch_threads)
         if placement.device.startswith("cuda"):
             torch.cuda.set_device(placement.device)
-        self.extractor = build_extractor(opts, placement.device)
         self.layout = Layout(out)
+        self.extractor = build_extractor(opts, placement.device, self._recorded(opts))
         decode = resolve_decode(opts.decode, self.extractor.device)
         reserve = (0, 0) if decode == "cpu" else decode_memory(self.extractor.preprocess)
         batch_size = opts.batch_size or auto_batch(self.extractor, reserve)
         # After the probe, whose peaks must not include cuDNN's trial workspaces.
         tune_backends(self.extractor.device, opts.precision)
-        threads, shares_cores = placement.decode_threads, placement.device == "cpu"
-        if shares_cores:
+        threads, shares_cores = placement.decode_threads, False
+        if placement.device == "cpu":
             model_threads = cpu_model_threads(self.extractor, batch_size,
                                               placement.torch_threads)
             torch.set_num_threads(model_threads)
             threads = opts.threads or cpu_decode_threads(model_threads, placement.torch_threads)
+            # Decoding yields only where it would take the model's cores: on cores of its own
+            # (a pipeline), low priority only starved it behind any other process.
+            shares_cores = model_threads + threads > placement.torch_threads
         self.pipeline = ShardPipeline(self.extractor, self.layout, batch_size=batch_size,
                              threads=threads, max_pixels=opts.max_pixels,
                              profile=opts.profile, yield_to_model=shares_cores,
@@ -62,6 +65,18 @@ class DeviceWorker:
 
     def identity(self) -> dict:
         return self.extractor.identity()
+
+    def _recorded(self, opts) -> dict | None:
+        """The manifest of the store this run continues: its precision is the run's."""
+        from imgfeat.errors import UsageError
+        from imgfeat.store.manifest import read_manifest
+
+        if opts.overwrite:
+            return None
+        try:
+            return read_manifest(self.layout)
+        except UsageError:
+            return None  # the coordinator refuses an unreadable store in one line
 
     def run(self, task: Task, progress, current=None) -> tuple:
         """(index, rows, errors, seconds per stage or None) of one committed shard."""

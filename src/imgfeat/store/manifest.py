@@ -11,6 +11,10 @@ from imgfeat.store.layout import Layout, write_atomic
 
 FORMAT = 1
 # The settings that decide what a feature means; a run that differs in any is refused.
+# "precision" is the precision the features were computed in. How it was chosen (on a CPU,
+# bf16's agreement with fp32 at start) is "precision_check", outside the identity: a worker
+# that continues a store takes the recorded precision rather than checking again
+# (compute/precision.py), so a rerun is never refused for what the check would say today.
 IDENTITY_FIELDS = ("sources", "model", "weights", "layers", "pool", "gem_p", "scales", "whiten",
                    "l2", "preprocess", "precision", "dtype", "shard_size")
 
