@@ -97,7 +97,8 @@ def test_extraction_agrees_with_opencv_on_its_own_caffe_recipe(tmp_path):
     layers = ["inception_3a/output", "pool5/7x7_s1", "prob"]
     store = imgfeat.extract([str(p) for p in photo_paths()[:3]], tmp_path / "out",
                             model=str(prototxt), weights=str(caffemodel), layer=layers,
-                            pool="none", dtype="float32", progress="none", devices="cpu:1")
+                            pool="none", dtype="float32", progress="none", devices="cpu:1",
+                            precision="fp32")  # a reference check: fp32, as OpenCV computes
     blob = cv2.dnn.blobFromImages(list(geometry(net.size)), 1.0, (net.size, net.size),
                                   mean=VGG_MEAN_BGR, swapRB=True)  # mean: BGR, as the blob
     theirs = opencv_blobs(prototxt, caffemodel, blob, [net.last_writer(b) for b in layers])
