@@ -23,6 +23,35 @@ def load(name: str, weights: str) -> LoadedModel:
     except ImportError:
         raise UsageError("open_clip models need open_clip: pip install open_clip_torch") \
             from None
+    model, arch = _create(open_clip, name, weights)
+    config = open_clip.get_model_preprocess_cfg(model)
+    preprocess = Preprocess(size=tuple(config["size"]), crop_pct=1.0,
+                            mode=_MODES.get(config.get("resize_mode"), "crop"),
+                            interpolation=config.get("interpolation") or "bicubic",
+                            mean=tuple(config["mean"]), std=tuple(config["std"]))
+    return LoadedModel(f"open_clip:{name}", model.visual.eval(), preprocess, None,
+                       default_layer="output")
+
+
+def text_tower(name: str, weights: str):
+    """texts -> (N, D) float32 text embeddings of the model `load(name, weights)` builds: the
+    same seeded construction, so random weights match the image tower's store too."""
+    import open_clip
+    import torch
+
+    model, arch = _create(open_clip, name, weights)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(arch)
+
+    def encode(texts: list[str]):
+        with torch.inference_mode():
+            return model.encode_text(tokenizer(texts)).float().numpy()
+
+    return encode
+
+
+def _create(open_clip, name: str, weights: str):
+    """(the whole open_clip model, its architecture name)."""
     arch, tag = _split(name)
     if arch.endswith(".json"):
         if not Path(arch).is_file():
@@ -42,12 +71,7 @@ def load(name: str, weights: str) -> LoadedModel:
         if pretrained and weights == "pretrained":
             raise download_error(spec, exc) from None
         raise UsageError(f"cannot build {spec}: {str(exc).splitlines()[0][:300]}") from None
-    config = open_clip.get_model_preprocess_cfg(model)
-    preprocess = Preprocess(size=tuple(config["size"]), crop_pct=1.0,
-                            mode=_MODES.get(config.get("resize_mode"), "crop"),
-                            interpolation=config.get("interpolation") or "bicubic",
-                            mean=tuple(config["mean"]), std=tuple(config["std"]))
-    return LoadedModel(spec, model.visual.eval(), preprocess, None, default_layer="output")
+    return model, arch
 
 
 def _split(name: str) -> tuple[str, str]:

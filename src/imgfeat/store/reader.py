@@ -190,6 +190,22 @@ class Store:
     def get(self, key: str, default=None):
         return self[key] if key in self else default
 
+    def search(self, queries, k: int = 10, layer: str | None = None,
+               text: list[str] | None = None) -> list[list[tuple[str, float]]]:
+        """The k nearest rows, as (key, cosine), of each query: vectors, or keys, image
+        files, folders and URLs embedded as this store was; `text` for CLIP stores. Uses the
+        index of `imgfeat index` where built, else exact search (see imgfeat.search)."""
+        from imgfeat.search.api import store_search
+
+        return store_search(self, queries, k, layer, text)
+
+    def neighbours(self, key: str, k: int = 10, layer: str | None = None
+                   ) -> list[tuple[str, float]]:
+        """The k nearest other rows of `key`, as (key, cosine)."""
+        from imgfeat.search.api import store_neighbours
+
+        return store_neighbours(self, key, k, layer)
+
     def close(self) -> None:
         for handle in self._files.values():
             handle.close()
