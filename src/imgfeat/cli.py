@@ -1,4 +1,5 @@
-"""The `imgfeat` command: extract, info, layers. A user's mistake is one line on stderr and a
+"""The `imgfeat` command: extract, info, layers, and after extraction index, search, dedup,
+serve. A user's mistake is one line on stderr and a
 non-zero exit, never a traceback."""
 
 from __future__ import annotations
@@ -79,7 +80,110 @@ def build_parser() -> argparse.ArgumentParser:
     layers = commands.add_parser("layers", help="the layer names that --layer accepts")
     layers.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL)
     layers.set_defaults(handler=run_layers)
+    _add_search(commands)
     return parser
+
+
+def _add_search(commands) -> None:
+    index = commands.add_parser(
+        "index", help="build the nearest-neighbour index of a store (faiss, in OUT/index)")
+    index.add_argument("out", metavar="OUT")
+    index.add_argument("--layer", help="the layer to index, in a store of several")
+    index.add_argument("--kind", default="auto", choices=("auto", "flat", "ivf"),
+                       help="flat: exact; ivf: inverted file of 8-bit vectors; auto: flat up "
+                       "to 100,000 rows")
+    index.add_argument("--quiet", action="store_true")
+    index.set_defaults(handler=run_index)
+    search = commands.add_parser(
+        "search", help="nearest images to query images, folders, URLs, keys, or --text")
+    search.add_argument("out", metavar="OUT")
+    search.add_argument("queries", nargs="*", metavar="QUERY",
+                        help="image file, folder of images, http(s) URL, or key of the store")
+    search.add_argument("--text", action="append", help="a text query (CLIP stores); repeat")
+    search.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    search.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    search.add_argument("--layer", help="the layer to search, in a store of several")
+    search.add_argument("--exact", action="store_true", help="ignore the index")
+    search.set_defaults(handler=run_search)
+    dedup = commands.add_parser("dedup", help="groups of near-duplicate images")
+    dedup.add_argument("out", metavar="OUT")
+    dedup.add_argument("--threshold", type=float, default=0.95,
+                       help="cosine at or above which two images are duplicates (default 0.95)")
+    dedup.add_argument("-o", "--groups", metavar="FILE",
+                       help="write group, key, similarity to the representative (.parquet, "
+                       "or .csv)")
+    dedup.add_argument("--keep-list", metavar="FILE",
+                       help="write the keys to keep: all outside groups, one per group")
+    dedup.add_argument("--layer", help="the layer to compare, in a store of several")
+    dedup.add_argument("--quiet", action="store_true")
+    dedup.set_defaults(handler=run_dedup)
+    serve = commands.add_parser("serve", help="a local web page to browse, search and dedup")
+    serve.add_argument("out", metavar="OUT")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--layer", help="the layer to search, in a store of several")
+    serve.add_argument("--threshold", type=float, default=0.95,
+                       help="cosine of the duplicates view (default 0.95)")
+    serve.set_defaults(handler=run_serve)
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from imgfeat.search.index import build
+    from imgfeat.store.reader import Store
+
+    with Store(args.out) as store:
+        meta = build(store, args.layer, args.kind,
+                     say=(lambda _: None) if args.quiet else _say)
+    detail = f", nprobe {meta['nprobe']} (recall@10 {meta['calibrated_recall_at_10']} " \
+        f"on rows of the store)" if meta["kind"] == "ivf" else ""
+    print(f"{args.out}: {meta['kind']} index of {meta['rows']:,} x {meta['dim']} "
+          f"({meta['layer']}) in {meta['build_seconds']} s{detail}")
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from imgfeat.search.api import Searcher
+    from imgfeat.search.output import format_hits
+    from imgfeat.store.reader import Store
+
+    with Store(args.out) as store:
+        searcher = Searcher(store, args.layer, "exact" if args.exact else "auto")
+        results = searcher.search(args.queries, args.k, args.text)
+        print(format_hits(results, args.format))
+    return 0
+
+
+def run_dedup(args: argparse.Namespace) -> int:
+    from imgfeat.search.api import Searcher
+    from imgfeat.search.dedup import find_groups
+    from imgfeat.search.output import summary, write_groups, write_keep_list
+    from imgfeat.store.reader import Store
+
+    with Store(args.out) as store:
+        searcher = Searcher(store, args.layer)
+        groups = find_groups(searcher, args.threshold,
+                             say=None if args.quiet else _say)
+        print(summary(groups, len(store), args.threshold))
+        if args.groups:
+            write_groups(groups, store.keys, args.groups)
+            print(f"groups -> {args.groups}")
+        if args.keep_list:
+            kept = write_keep_list(groups, store.keys, args.keep_list)
+            print(f"{kept:,} keys to keep -> {args.keep_list}")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from imgfeat.serve.app import serve
+
+    serve(args.out, host=args.host, port=args.port, layer=args.layer,
+          threshold=args.threshold)
+    return 0
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _add_extract(commands) -> None:

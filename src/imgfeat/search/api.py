@@ -44,13 +44,28 @@ class Searcher:
         if k < 1:
             raise UsageError(f"-k must be at least 1, got {k}")
         k = min(k, len(self.store))
-        if self.index is not None:
+        if self.index is not None and self.index.meta["kind"] != "flat":
+            scores, rows = self._reranked(queries, k)
+        elif self.index is not None:
             scores, rows = self.index.search(queries, k)
         else:
             scores, rows = exact.top_k(self.store, self.layer, queries, k)
         keys = self.store.keys
         return [[Hit(int(r), keys[r], float(s)) for s, r in zip(qs, qr) if r >= 0]
                 for qs, qr in zip(scores, rows)]
+
+    def _reranked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """A compressed index's candidates (twice k) scored again on the stored vectors: its
+        8-bit scores can swap an image and its exact copy, whose cosines differ by 1e-4."""
+        wide = min(len(self.store), 2 * k + 8)
+        _, rows = self.index.search(queries, wide)
+        found = np.unique(rows[rows >= 0])
+        vectors = self.vectors_of_rows(found)
+        scores = np.full(rows.shape, -np.inf, dtype=np.float32)
+        for q, query_rows in enumerate(rows):
+            valid = query_rows >= 0
+            scores[q, valid] = vectors[np.searchsorted(found, query_rows[valid])] @ queries[q]
+        return exact.merge(scores[:, :0], rows[:, :0], scores, rows, k)
 
     def embed(self, queries: list[Query]) -> np.ndarray:
         """Unit vectors of resolved queries: rows read from the store, images embedded."""
