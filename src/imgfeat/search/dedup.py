@@ -16,6 +16,10 @@ from imgfeat.search.vectors import batches
 
 DEFAULT_THRESHOLD = 0.95
 NEIGHBOURS = 10  # a group larger than this is still found whole: its members chain up
+# Lists an inverted-file index visits per row in dedup: a near-duplicate sits in its original's
+# list or a neighbouring one, so fewer than a search's calibrated nprobe find them (measured
+# on planted copies by bench/search.py).
+DEDUP_NPROBE = 16
 
 
 @dataclass
@@ -44,6 +48,8 @@ def find_groups(searcher, threshold: float = DEFAULT_THRESHOLD, k: int = NEIGHBO
     if searcher.index is None and len(store) > FLAT_ROWS:
         raise UsageError(f"{store.layout.root} has {len(store):,} rows: build an index first "
                          f"with `{rebuild_hint(store, layer)}`")
+    if searcher.index is not None and searcher.index.meta["kind"] == "ivf":
+        searcher.index.faiss_index.nprobe = min(searcher.index.meta["nprobe"], DEDUP_NPROBE)
     parent = np.arange(len(store), dtype=np.int64)
     k = min(k + 1, len(store))
     for start, vectors in batches(store, layer, batch):

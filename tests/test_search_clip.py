@@ -1,0 +1,83 @@
+"""Text and image queries of a store made by an open_clip model built from a small config with
+random weights: texts through the text tower, images through the image tower, and the scores
+those of a direct open_clip computation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from corpus import photo_paths
+from PIL import Image
+
+import imgfeat
+from imgfeat.cli import main
+from imgfeat.models.weights import seeded
+
+open_clip = pytest.importorskip("open_clip")
+pytest.importorskip("faiss")
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
+                            "head_width": 16},
+             "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2,
+                          "layers": 1}}
+TEXTS = ["a red car", "a cat on a sofa"]
+
+
+def unit(array) -> np.ndarray:
+    array = np.asarray(array, np.float64)
+    return array / np.linalg.norm(array, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def clip_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clip")
+    config = root / "tinyclip_search.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    photos = [str(p) for p in photo_paths()[:4]]
+    assert main(["extract", *photos, "-o", str(root / "out"), "--model", f"open_clip:{config}",
+                 "--weights", "random", "--dtype", "float32", "--quiet",
+                 "--devices", "cpu:1"]) == 0
+    open_clip.add_model_config(str(config))
+    with seeded():
+        model, _, preprocess = open_clip.create_model_and_transforms("tinyclip_search")
+    tokenizer = open_clip.get_tokenizer("tinyclip_search")
+    images = [Image.open(p).convert("RGB") for p in photos]
+    with torch.inference_mode():
+        text = model.eval().encode_text(tokenizer(TEXTS)).numpy()
+        image = model.encode_image(torch.stack([preprocess(i) for i in images])).numpy()
+    return imgfeat.open_store(root / "out"), photos, unit(text), unit(image)
+
+
+def test_text_queries_score_as_open_clip_does(clip_store):
+    store, photos, text, image = clip_store
+    direct = text @ image.T
+    keys = [p.rsplit("/", 1)[-1] for p in photos]
+    results = store.search([], k=len(keys), text=TEXTS)
+    for row, hits in enumerate(results):
+        assert len(hits) == len(keys)
+        for key, score in hits:
+            assert score == pytest.approx(direct[row, keys.index(key)], abs=2e-3)
+
+
+def test_texts_take_the_text_tower_and_images_the_image_tower(clip_store):
+    store, photos, text, image = clip_store
+    from imgfeat.search.api import searcher_of
+
+    searcher = searcher_of(store, None)
+    assert np.allclose(searcher.embedder.texts(TEXTS), text, atol=1e-5)
+    embedded = searcher.embedder.images([(p, open(p, "rb").read()) for p in photos])
+    assert (np.sum(embedded * image, axis=1) >= 0.999).all()
+    stored = unit(store.features()[:])
+    assert (np.sum(embedded * stored, axis=1) >= 0.99999).all()
+
+
+def test_text_query_through_the_cli(clip_store, capsys):
+    store, *_ = clip_store
+    capsys.readouterr()
+    assert main(["search", str(store.layout.root), "--text", "a red car", "-k", "2",
+                 "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "query,rank,key,score" and len(lines) == 3
+    assert lines[1].startswith("text: a red car,1,")
