@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--work", type=Path, default=Path("/tmp/imgfeat-bench-search"))
     parser.add_argument("--phase", choices=PHASES)
+    parser.add_argument("--only", help="phases to run, e.g. build,query (default: all)")
     args = parser.parse_args()
     if args.phase:
         result = PHASES[args.phase](args.work)
@@ -176,7 +177,7 @@ def main() -> None:
         print(f"store of {args.rows:,} x {args.dim} written in "
               f"{time.perf_counter() - began:.0f} s", flush=True)
     print(f"load before: {os.getloadavg()}", flush=True)
-    for name in PHASES:
+    for name in args.only.split(",") if args.only else PHASES:
         print(name, json.dumps(run_phase(name, args.work)), flush=True)
         print(f"load after {name}: {os.getloadavg()}", flush=True)
 

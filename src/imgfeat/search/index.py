@@ -27,7 +27,8 @@ from imgfeat.store.layout import commit, layer_dataset_name, temp_path, write_at
 FLAT_ROWS = 100_000       # flat up to here: exact, and still over 1,000 queries/s on 2 cores
 TARGET_RECALL = 0.98      # calibration aims above the 0.95 promised, for queries off the store
 CALIBRATION_QUERIES = 200
-TRAIN_PER_LIST = 50       # faiss's k-means wants 39 to 256 points per centroid
+TRAIN_PER_LIST = 40       # faiss's k-means wants 39 to 256 points per centroid
+ADD_BATCH = 16_384        # rows read and added at a time
 KINDS = ("auto", "flat", "ivf")
 
 
@@ -97,8 +98,9 @@ def build(store, layer: str | None = None, kind: str = "auto", say=print) -> dic
         sample = _sample(store, layer, min(rows, lists * TRAIN_PER_LIST))
         say(f"training {lists} lists on {len(sample):,} of {rows:,} rows")
         index.train(sample)
+        del sample  # memory is the index's from here on
         meta["lists"] = lists
-    for start, vectors in batches(store, layer):
+    for start, vectors in batches(store, layer, ADD_BATCH):
         index.add(vectors)
         say(f"added {start + len(vectors):,} of {rows:,} rows")
     if kind == "ivf":
@@ -114,11 +116,18 @@ def ivf_lists(rows: int) -> int:
 
 
 def _sample(store, layer: str, count: int, seed: int = 0) -> np.ndarray:
-    """About `count` rows drawn evenly at random over one pass of the store."""
+    """`count` rows drawn at random over one pass of the store, into one array (no list of
+    parts to join: the sample is the largest thing a build holds besides the index)."""
     rng = np.random.default_rng(seed)
-    share = count / len(store)
-    parts = [vectors[rng.random(len(vectors)) < share] for _, vectors in batches(store, layer)]
-    return np.ascontiguousarray(np.concatenate(parts))
+    chosen = np.zeros(len(store), dtype=bool)
+    chosen[rng.choice(len(store), count, replace=False)] = True
+    sample = np.empty((count, dim(store, layer)), dtype=np.float32)
+    filled = 0
+    for start, vectors in batches(store, layer, ADD_BATCH):
+        picked = vectors[chosen[start:start + len(vectors)]]
+        sample[filled:filled + len(picked)] = picked
+        filled += len(picked)
+    return sample
 
 
 def _calibrate(store, layer: str, index) -> tuple[int, float]:
