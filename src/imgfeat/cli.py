@@ -91,7 +91,7 @@ def _add_search(commands) -> None:
     index.add_argument("--layer", help="the layer to index, in a store of several")
     index.add_argument("--kind", default="auto", choices=("auto", "flat", "ivf"),
                        help="flat: exact; ivf: inverted file of 8-bit vectors; auto: flat up "
-                       "to 100,000 rows")
+                       "to 20,000 rows")
     index.add_argument("--quiet", action="store_true")
     index.set_defaults(handler=run_index)
     search = commands.add_parser(

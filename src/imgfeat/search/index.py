@@ -24,7 +24,8 @@ from imgfeat.search.fingerprint import fingerprint
 from imgfeat.search.vectors import batches, dim, search_layer
 from imgfeat.store.layout import commit, layer_dataset_name, temp_path, write_atomic
 
-FLAT_ROWS = 100_000       # flat up to here: exact, and still over 1,000 queries/s on 2 cores
+FLAT_ROWS = 20_000        # flat up to here: exact, and over 1,000 queries/s on 2 busy cores
+                          # (186/s at 100,000 rows: docs/benchmarks.md)
 TARGET_RECALL = 0.98      # calibration aims above the 0.95 promised, for queries off the store
 CALIBRATION_QUERIES = 200
 TRAIN_PER_LIST = 40       # faiss's k-means wants 39 to 256 points per centroid
