@@ -166,10 +166,10 @@ def run_dedup(args: argparse.Namespace) -> int:
                              say=None if args.quiet else _say)
         print(summary(groups, len(store), args.threshold))
         if args.groups:
-            write_groups(groups, store.keys, args.groups)
+            write_groups(groups, store, args.groups)
             print(f"groups -> {args.groups}")
         if args.keep_list:
-            kept = write_keep_list(groups, store.keys, args.keep_list)
+            kept = write_keep_list(groups, store, args.keep_list)
             print(f"{kept:,} keys to keep -> {args.keep_list}")
     return 0
 

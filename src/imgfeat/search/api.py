@@ -10,6 +10,7 @@ import numpy as np
 from imgfeat.errors import UsageError
 from imgfeat.search import exact
 from imgfeat.search import index as index_mod
+from imgfeat.search.keys import keys_of
 from imgfeat.search.query import Embedder, Query, resolve
 from imgfeat.search.vectors import search_layer, unit
 
@@ -50,8 +51,8 @@ class Searcher:
             scores, rows = self.index.search(queries, k)
         else:
             scores, rows = exact.top_k(self.store, self.layer, queries, k)
-        keys = self.store.keys
-        return [[Hit(int(r), keys[r], float(s)) for s, r in zip(qs, qr) if r >= 0]
+        keys = iter(keys_of(self.store, rows[rows >= 0]))
+        return [[Hit(int(r), next(keys), float(s)) for s, r in zip(qs, qr) if r >= 0]
                 for qs, qr in zip(scores, rows)]
 
     def _reranked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from imgfeat.errors import UsageError
+from imgfeat.search.keys import all_keys, keys_of
 from imgfeat.store.layout import commit, temp_path
 
 FORMATS = ("table", "csv", "json")
@@ -35,14 +36,14 @@ def format_hits(results, fmt: str) -> str:
     return "\n".join(lines)
 
 
-def write_groups(groups, keys: list[str], path: str) -> None:
+def write_groups(groups, store, path: str) -> None:
     """group, key, similarity: parquet, or csv for a .csv name; written atomically."""
     import pyarrow as pa
 
     final = Path(path)
     if not final.parent.is_dir():
         raise UsageError(f"folder of {path} does not exist")
-    table = pa.table({"group": groups.group, "key": [keys[r] for r in groups.row.tolist()],
+    table = pa.table({"group": groups.group, "key": keys_of(store, groups.row),
                       "similarity": groups.similarity})
     temp = temp_path(final)
     try:
@@ -59,12 +60,12 @@ def write_groups(groups, keys: list[str], path: str) -> None:
         temp.unlink(missing_ok=True)
 
 
-def write_keep_list(groups, keys: list[str], path: str) -> int:
+def write_keep_list(groups, store, path: str) -> int:
     """Every key outside the groups and each group's representative, one a line, in store
     order; returns how many."""
     import numpy as np
 
-    drop = np.zeros(len(keys), dtype=bool)
+    drop = np.zeros(len(store), dtype=bool)
     drop[groups.row] = True
     drop[groups.representatives()] = False
     final = Path(path)
@@ -72,7 +73,7 @@ def write_keep_list(groups, keys: list[str], path: str) -> int:
     kept = 0
     try:
         with open(temp, "w", encoding="utf-8") as handle:
-            for key, dropped in zip(keys, drop.tolist()):
+            for key, dropped in zip(all_keys(store), drop.tolist()):
                 if not dropped:
                     handle.write(key + "\n")
                     kept += 1

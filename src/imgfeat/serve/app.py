@@ -12,6 +12,7 @@ from typing import Annotated
 
 from imgfeat.errors import ImageError, UsageError
 from imgfeat.search.deps import need
+from imgfeat.search.keys import keys_of
 from imgfeat.serve.items import Items
 from imgfeat.serve.uploads import MAX_UPLOAD_PIXELS, TooLarge, read_limited
 
@@ -75,7 +76,8 @@ def create_app(store, layer: str | None = None, threshold: float = 0.95):
     @app.get("/api/items")
     def items(offset: int = 0, limit: int = 60) -> dict:
         offset, limit = max(0, offset), max(1, min(limit, PAGE_SIZE_MAX))
-        keys = store.keys[offset:offset + limit]
+        with state.lock:
+            keys = keys_of(store, range(offset, min(offset + limit, len(store))))
         return {"total": len(store), "offset": offset,
                 "items": [{"row": offset + i, "key": k} for i, k in enumerate(keys)]}
 
@@ -95,8 +97,8 @@ def create_app(store, layer: str | None = None, threshold: float = 0.95):
     def neighbours(row: int, k: int = 12) -> dict:
         if not 0 <= row < len(store):
             raise HTTPException(404, f"no row {row} in this store")
-        key = store.keys[row]
         with state.lock:
+            (key,) = keys_of(store, [row])
             found = state.searcher.neighbours(key, max(1, min(k, 100)))
         return {"row": row, "key": key, "hits": state.hits(found)}
 
@@ -121,13 +123,14 @@ def create_app(store, layer: str | None = None, threshold: float = 0.95):
     def duplicates() -> dict:
         with state.lock:
             groups = state.groups()
-            keys = store.keys
+            shown_rows = groups.group < GROUPS_SHOWN
+            keys = keys_of(store, groups.row[shown_rows])
         shown: dict[int, list] = {}
-        for group, row, similarity in zip(groups.group.tolist(), groups.row.tolist(),
-                                          groups.similarity.tolist()):
-            if group < GROUPS_SHOWN:
-                shown.setdefault(group, []).append(
-                    {"row": row, "key": keys[row], "score": round(similarity, 4)})
+        for group, row, similarity, key in zip(groups.group[shown_rows].tolist(),
+                                               groups.row[shown_rows].tolist(),
+                                               groups.similarity[shown_rows].tolist(), keys):
+            shown.setdefault(group, []).append(
+                {"row": row, "key": key, "score": round(similarity, 4)})
         return {"threshold": threshold, "groups": groups.count, "images": len(groups.row),
                 "shown": list(shown.values())}
 

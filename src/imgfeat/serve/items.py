@@ -14,6 +14,7 @@ from imgfeat.errors import ImageError
 from imgfeat.pipeline.cpu_decode import decode
 from imgfeat.pipeline.decode_pool import Encoded, load_pixels
 from imgfeat.plan.shards import read_shard_items
+from imgfeat.search.keys import keys_of
 from imgfeat.sources import Item
 
 THUMB_SIDE = 192
@@ -29,7 +30,7 @@ class Items:
         """The recorded item of a row; IndexError for a row outside the store."""
         if not 0 <= row < len(self.store):
             raise IndexError(row)
-        key = self.store.keys[row]
+        (key,) = keys_of(self.store, [row])
         position = int(np.searchsorted(self.store._offsets, row, side="right") - 1)
         return self._items(self.store.shards[position])[key]
 
