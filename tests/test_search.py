@@ -160,3 +160,14 @@ def test_dedup_of_a_large_store_needs_an_index(built, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["dedup", str(out)]) == 2
     assert "build an index first with `imgfeat index" in capsys.readouterr().err
+
+
+def test_a_damaged_index_is_one_line(built, tmp_path, capsys):
+    _, out, _ = built
+    shutil.copytree(out, tmp_path / "out")
+    assert main(["index", str(tmp_path / "out"), "--quiet"]) == 0
+    next((tmp_path / "out" / "index").glob("*.faiss")).write_bytes(b"not an index")
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "out"), "china-q0.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert "unreadable" in err and "imgfeat index" in err and err.count("\n") == 1

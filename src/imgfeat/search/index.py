@@ -67,12 +67,21 @@ def load(store, layer: str | None = None, required: bool = True) -> Index | None
             return None
         raise UsageError(f"no index of layer {layer!r} in {store.layout.root}: build one with "
                          f"`{rebuild_hint(store, layer)}`")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"the index in {index_path.parent} is unreadable ({exc}): rebuild it "
+                         f"with `{rebuild_hint(store, layer)}`") from None
     if meta.get("fingerprint") != fingerprint(store):
         raise UsageError(f"the index in {index_path.parent} is stale (the store changed since "
                          f"it was built): rebuild it with `{rebuild_hint(store, layer)}`")
     faiss = need("faiss")
-    loaded = faiss.read_index(str(index_path))
+    try:
+        loaded = faiss.read_index(str(index_path))
+    except RuntimeError as exc:  # faiss's word for a damaged file
+        raise UsageError(f"the index {index_path} is unreadable "
+                         f"({str(exc).strip().splitlines()[-1][:200]}): rebuild it with "
+                         f"`{rebuild_hint(store, layer)}`") from None
     if meta["kind"] == "ivf":
         loaded.nprobe = meta["nprobe"]
     return Index(loaded, meta)
@@ -92,7 +101,7 @@ def build(store, layer: str | None = None, kind: str = "auto", say=print) -> dic
     if kind == "flat":
         index = faiss.IndexFlatIP(width)
     else:
-        lists = ivf_lists(rows)
+        lists = min(ivf_lists(rows), rows)
         index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(width), width, lists,
                                               faiss.ScalarQuantizer.QT_8bit,
                                               faiss.METRIC_INNER_PRODUCT)
