@@ -87,3 +87,23 @@ def test_text_query_through_the_cli(clip_store, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "query,rank,key,score" and len(lines) == 3
     assert lines[1].startswith("text: a red car,1,")
+
+
+def test_the_page_searches_by_text_on_a_clip_store_only(clip_store):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from serving import form, request, serving
+
+    from imgfeat.serve.app import create_app
+
+    store, photos, text, _ = clip_store
+    with serving(create_app(store)) as port:
+        status, body = request(port, "/api/info")
+        assert status == 200 and json.loads(body)["text"] is True
+        status, body = request(port, "/api/search", "POST", *form({"text": TEXTS[0], "k": "4"}))
+        assert status == 200
+        hits = json.loads(body)["hits"]
+        on_store = text[0] @ unit(store.features()[:]).T
+        keys = [p.rsplit("/", 1)[-1] for p in photos]
+        assert [h["score"] for h in hits] == pytest.approx(
+            [on_store[keys.index(h["key"])] for h in hits], abs=1e-4)

@@ -3,17 +3,15 @@ Debian's chromedriver) over the search corpus: thumbnails, neighbours, search by
 image, the planted duplicate groups and the broken file; and requests that try to leave the
 store."""
 
-import http.client
 import io
 import json
 import os
-import socket
-import threading
 import time
 
 import pytest
 from PIL import Image
 from search_corpus import make_search_corpus, thumbnail_model
+from serving import form, request, serving
 
 import imgfeat
 from imgfeat.cli import main
@@ -24,12 +22,6 @@ uvicorn = pytest.importorskip("uvicorn")
 webdriver = pytest.importorskip("selenium.webdriver")
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +35,8 @@ def served(tmp_path_factory):
                  str(thumbnail_model(root / "thumb.pt")), "--image-size", "64",
                  "--devices", "cpu:1", "--quiet"]) == 0
     store = imgfeat.open_store(out)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(store), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield root, port, groups, store
-    server.should_exit = True
-    thread.join(10)
+    with serving(create_app(store)) as port:
+        yield root, port, groups, store
     store.close()
 
 
@@ -146,13 +128,6 @@ def test_duplicates_and_errors_views_show_the_planted_cases(served, browser):
     assert text.startswith("broken.jpg: ") and "unreadable image header" in text
 
 
-def get(port: int, path: str, method: str = "GET", body=None, headers=None):
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    connection.request(method, path, body=body, headers=headers or {})
-    response = connection.getresponse()
-    return response.status, response.read()
-
-
 @pytest.mark.parametrize("path", [
     "/api/thumb/../../../../etc/passwd", "/api/thumb/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
     "/api/thumb/-1", "/api/thumb/999999", "/api/thumb?path=/etc/passwd", "/etc/passwd",
@@ -160,16 +135,8 @@ def get(port: int, path: str, method: str = "GET", body=None, headers=None):
 ])
 def test_a_path_outside_the_store_is_refused(served, path):
     _, port, _, _ = served
-    status, body = get(port, path)
+    status, body = request(port, path)
     assert status in (400, 404, 405, 422) and b"root:" not in body
-
-
-def _multipart(name: str, data: bytes) -> tuple[bytes, dict]:
-    boundary = "imgfeat-test-boundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-            f"filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
-            ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 def test_uploads_past_the_limits_are_refused(served, monkeypatch):
@@ -178,12 +145,13 @@ def test_uploads_past_the_limits_are_refused(served, monkeypatch):
     _, port, _, _ = served
     monkeypatch.setattr(uploads, "MAX_UPLOAD_BYTES", 1000)
     monkeypatch.setattr(uploads.read_limited, "__defaults__", (1000,))
-    status, body = get(port, "/api/search", "POST", *_multipart("big.jpg", b"x" * 5000))
+    status, body = request(port, "/api/search", "POST", *form(file=("big.jpg", b"x" * 5000)))
     assert status == 413 and b"over" in body
     monkeypatch.undo()
     bomb = io.BytesIO()
     Image.new("1", (10000, 10000)).save(bomb, "PNG")  # 100 MP in a few kB
-    status, body = get(port, "/api/search", "POST", *_multipart("bomb.png", bomb.getvalue()))
+    status, body = request(port, "/api/search", "POST",
+                           *form(file=("bomb.png", bomb.getvalue())))
     assert status == 400 and "too large" in json.loads(body)["detail"]
 
 
