@@ -171,3 +171,16 @@ def test_a_damaged_index_is_one_line(built, tmp_path, capsys):
     assert main(["search", str(tmp_path / "out"), "china-q0.jpg"]) == 2
     err = capsys.readouterr().err
     assert "unreadable" in err and "imgfeat index" in err and err.count("\n") == 1
+
+
+def test_a_store_without_features_is_one_line(built, tmp_path, capsys):
+    root, _, _ = built
+    (tmp_path / "only").mkdir()
+    shutil.copy(root / "corpus" / "broken.jpg", tmp_path / "only" / "broken.jpg")
+    assert main(["extract", str(tmp_path / "only"), "-o", str(tmp_path / "out"), "--model",
+                 str(root / "thumb.pt"), *EXTRACT]) == 0
+    for command in (["index"], ["search", "--text", "x"], ["dedup"]):
+        capsys.readouterr()
+        assert main([command[0], str(tmp_path / "out"), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert "holds no features for layer 'output'" in err and err.count("\n") == 1
