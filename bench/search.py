@@ -44,7 +44,8 @@ def make_store(root: Path, rows: int, dim: int) -> None:
         vectors = _points(rng, centres, count)
         copies = rng.random(count) < COPY_SHARE
         originals = rng.integers(0, count, copies.sum())
-        planted += int(copies.sum())
+        # A copy of a row that is itself replaced by a copy has no original left to match.
+        planted += int(copies.sum() - copies[originals].sum())
         vectors[copies] = vectors[originals] + rng.normal(0, COPY_NOISE / np.sqrt(dim),
                                                           (copies.sum(), dim))
         keys = [f"{index:04d}/{i:05d}" for i in range(count)]
@@ -56,7 +57,7 @@ def make_store(root: Path, rows: int, dim: int) -> None:
                             "pool": "avg", "l2": False, "dtype": "float16",
                             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                             "plan": {"complete": True, "shards": [SHARD_ROWS] * shards}})
-    (root / "planted.json").write_text(json.dumps({"copies": planted}))
+    (root / "planted.json").write_text(json.dumps({"copies_with_original": planted}))
 
 
 def _centres(dim: int) -> np.ndarray:
@@ -135,7 +136,7 @@ def phase_dedup(root: Path) -> dict:
     began = time.perf_counter()
     with Store(root) as store:
         groups = find_groups(Searcher(store))
-    planted = json.loads((root / "planted.json").read_text())["copies"]
+    planted = json.loads((root / "planted.json").read_text())["copies_with_original"]
     # Every planted copy leaves its group's count of rows minus one; chains merge a few.
     return {"dedup_s": time.perf_counter() - began, "groups": groups.count,
             "in_groups": int(len(groups.row)), "planted_copies": planted,
