@@ -4,6 +4,11 @@ Besides every named module, three layers give the usual image embeddings: `cls` 
 token of the last hidden state), `mean` (the mean of its tokens, or of its map for
 convolutional backbones) and `pooled` (the model's pooler output). The default is `pooled`
 when the model has a pooler, else `cls`.
+
+Dual encoders (CLIP, SigLIP: a model with `get_image_features` and a `vision_model`) run only
+their vision tower, whose layers are named as a backbone's, and add `embed`: the projected
+image embedding `get_image_features` returns, the one text queries compare with. It is their
+default layer.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from torch import nn
 from imgfeat.errors import UsageError
 from imgfeat.models.base import LoadedModel
 from imgfeat.models.preprocess import Preprocess
-from imgfeat.models.weights import download_error, seeded
+from imgfeat.models.weights import download_error, seeded, state_digest
 
 # PIL's resampling numbers, as image processors store them
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -41,7 +46,49 @@ class HFImageModel(nn.Module):
         return cls if hidden.ndim == 3 else mean
 
 
+class HFDualImageModel(nn.Module):
+    """A dual encoder's vision tower and its projection: the text tower is left out, so a
+    worker neither holds nor runs it. `embed` is what `get_image_features` returns."""
+
+    def __init__(self, vision: nn.Module, projection: nn.Module | None):
+        super().__init__()
+        # `model` as for a backbone, so layer names read the same (model.encoder.layers.0)
+        self.model = vision
+        self.projection = projection if projection is not None else nn.Identity()
+        self.cls, self.mean, self.pooled = nn.Identity(), nn.Identity(), nn.Identity()
+        self.embed = nn.Identity()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixels)
+        hidden = out.last_hidden_state
+        self.cls(hidden[:, 0])
+        self.mean(hidden.mean(1))
+        return self.embed(self.projection(self.pooled(out.pooler_output)))
+
+
+def is_dual_encoder(model: nn.Module) -> bool:
+    """CLIP-like: an image tower reached through `get_image_features` beside a text tower."""
+    return hasattr(model, "get_image_features") and hasattr(model, "vision_model")
+
+
 def load(repo: str, weights: str) -> LoadedModel:
+    spec = f"hf:{repo}"
+    processor, model = build(repo, weights)
+    if is_dual_encoder(model):
+        return LoadedModel(spec, image_side(spec, model), _preprocess(processor), None,
+                           default_layer="embed")
+    wrapped = HFImageModel(model.eval())
+    with torch.inference_mode():
+        probe = model(pixel_values=torch.zeros(1, 3, *_size(processor)))
+    default = "pooled" if getattr(probe, "pooler_output", None) is not None else \
+        ("cls" if probe.last_hidden_state.ndim == 3 else "mean")
+    return LoadedModel(spec, wrapped.eval(), _preprocess(processor), None,
+                       default_layer=default)
+
+
+def build(repo: str, weights: str):
+    """(image processor, whole model in eval mode). Random weights are seeded, so the text
+    side of a search rebuilds the very model extraction used."""
     try:
         import transformers
     except ImportError:
@@ -60,13 +107,56 @@ def load(repo: str, weights: str) -> LoadedModel:
             model = transformers.AutoModel.from_pretrained(repo)
     except (OSError, ValueError) as exc:
         raise download_error(spec, exc) from None
-    wrapped = HFImageModel(model.eval())
+    return processor, model.eval()
+
+
+def image_side(spec: str, model: nn.Module) -> HFDualImageModel:
+    """The dual encoder's image side, checked once against `get_image_features` on a probe:
+    a model whose embedding is not projection(vision pooler) is refused, not misread."""
+    wrapped = HFDualImageModel(model.vision_model, getattr(model, "visual_projection", None))
+    size = getattr(model.config.vision_config, "image_size", 224)
+    probe = torch.linspace(-1, 1, 3 * size * size).reshape(1, 3, size, size)
     with torch.inference_mode():
-        probe = model(pixel_values=torch.zeros(1, 3, *_size(processor)))
-    default = "pooled" if getattr(probe, "pooler_output", None) is not None else \
-        ("cls" if probe.last_hidden_state.ndim == 3 else "mean")
-    return LoadedModel(spec, wrapped.eval(), _preprocess(processor), None,
-                       default_layer=default)
+        expected = projected(model.get_image_features(pixel_values=probe))
+        got = wrapped.eval()(probe)
+    if got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+        raise UsageError(f"{spec}: imgfeat does not know how this model projects its image "
+                         "embedding; choose a layer of its vision tower with --layer")
+    return wrapped.eval()
+
+
+def projected(out) -> torch.Tensor:
+    """`get_image_features`/`get_text_features` return a tensor in transformers 4 and an
+    output whose pooler_output is the projected embedding in transformers 5."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def text_tower(repo: str, weights: str):
+    """(encode, digest): encode is texts -> (N, D) float32 text embeddings of the dual encoder
+    `load(repo, weights)` extracts images with, tokenized by the repository's own tokenizer;
+    digest is that of its image side, to check against the store's (a hub repo may have
+    changed since extraction)."""
+    import transformers
+
+    spec = f"hf:{repo}"
+    _, model = build(repo, weights)
+    if not hasattr(model, "get_text_features"):
+        raise UsageError(f"{spec} has no text tower to embed text queries with")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(repo)
+    except (OSError, ValueError) as exc:
+        raise download_error(spec, exc) from None
+    # SigLIP was trained on texts padded to the full length; CLIP masks padding either way
+    padding = "max_length" if "siglip" in model.config.model_type else True
+    limit = getattr(model.config.text_config, "max_position_embeddings", None)
+
+    def encode(texts: list[str]):
+        tokens = tokenizer(texts, padding=padding, truncation=True, max_length=limit,
+                           return_tensors="pt")
+        with torch.inference_mode():
+            return projected(model.get_text_features(**tokens)).float().numpy()
+
+    return encode, state_digest(image_side(spec, model))
 
 
 def _size(processor) -> tuple[int, int]:

@@ -74,7 +74,7 @@ def fetch_url(url: str) -> bytes:
 
 
 class Embedder:
-    """Images and (for open_clip stores) texts to unit vectors comparable with a layer of a
+    """Images and (for CLIP stores) texts to unit vectors comparable with a layer of a
     store."""
 
     def __init__(self, store, layer: str, max_pixels: int | None = DEFAULT_MAX_PIXELS):
@@ -163,16 +163,33 @@ def _whitening(store):
                      f"they were made with at {path} to embed queries")
 
 
-def _text_tower(store, layer: str):
+def text_capable(store) -> bool:
+    """Whether the store's model has a text tower to embed text queries with: an open_clip
+    model, or a Hugging Face dual encoder (only those have an `embed` layer)."""
     spec = store.model
-    if not spec.startswith("open_clip:"):
-        raise UsageError(f"text queries need a CLIP model (open_clip:...); {store.layout.root} "
-                         f"was extracted with {spec}")
-    if layer != "output" or store.manifest.get("whiten"):
-        raise UsageError(f"text queries compare with the CLIP image embedding (layer output, "
-                         f"unwhitened); this search is on layer {layer!r}"
+    return spec.startswith("open_clip:") or (spec.startswith("hf:") and
+                                             "embed" in store.layers)
+
+
+def _text_tower(store, layer: str):
+    """texts -> (N, D) embeddings comparable with `layer` of the store, or a one-line error
+    saying why a text cannot be compared with it."""
+    spec = store.model
+    if not text_capable(store):
+        raise UsageError(f"text queries need a CLIP model (open_clip:... or a Hugging Face "
+                         f"CLIP/SigLIP); {store.layout.root} was extracted with {spec}")
+    image_layer = "output" if spec.startswith("open_clip:") else "embed"
+    if layer != image_layer or store.manifest.get("whiten"):
+        raise UsageError(f"text queries compare with the CLIP image embedding (layer "
+                         f"{image_layer}, unwhitened); this search is on layer {layer!r}"
                          + (", whitened" if store.manifest.get("whiten") else ""))
+    weights = _weights_argument(store.manifest["weights"])
+    if spec.startswith("hf:"):
+        from imgfeat.models.hf_backend import text_tower as hf_text_tower
+
+        encode, digest = hf_text_tower(spec.removeprefix("hf:"), weights)
+        _check_weights(store, {"digest": digest})
+        return encode
     from imgfeat.models.openclip_backend import text_tower
 
-    return text_tower(spec.removeprefix("open_clip:"),
-                      _weights_argument(store.manifest["weights"]))
+    return text_tower(spec.removeprefix("open_clip:"), weights)

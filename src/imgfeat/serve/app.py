@@ -13,6 +13,7 @@ from typing import Annotated
 from imgfeat.errors import ImageError, UsageError
 from imgfeat.search.deps import need
 from imgfeat.search.keys import keys_of
+from imgfeat.search.query import text_capable
 from imgfeat.serve.items import Items
 from imgfeat.serve.uploads import MAX_UPLOAD_PIXELS, TooLarge, read_limited
 
@@ -70,7 +71,7 @@ def create_app(store, layer: str | None = None, threshold: float = 0.95):
     def info() -> dict:
         return {"root": str(store.layout.root), "rows": len(store), "model": store.model,
                 "layer": state.searcher.layer, "errors": len(store.errors),
-                "text": store.model.startswith("open_clip:"), "search": state.searcher.method,
+                "text": text_capable(store), "search": state.searcher.method,
                 "threshold": threshold}
 
     @app.get("/api/items")
