@@ -1,5 +1,6 @@
-"""A tiny random Hugging Face CLIP saved to a folder as a hub repo holds one: model, image
-processor and a tokenizer that loads offline (a word-level vocabulary, no downloads)."""
+"""Tiny random Hugging Face dual encoders (CLIP, SigLIP) saved to a folder as a hub repo holds
+one: model, image processor and a tokenizer that loads offline (a word-level vocabulary, no
+downloads)."""
 
 from pathlib import Path
 
@@ -32,23 +33,40 @@ def make_tokenizer():
                                    pad_token=PAD, unk_token=UNK, model_max_length=CONTEXT)
 
 
+TEXT = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "max_position_embeddings": CONTEXT,
+        "pad_token_id": SPECIAL[PAD], "bos_token_id": SPECIAL[BOS], "eos_token_id": SPECIAL[EOS]}
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+
+
 def save_tiny_clip(folder: Path, seed: int = 3):
     """Writes the repo folder; returns the model (eval mode)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    text = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
-            "num_hidden_layers": 1, "num_attention_heads": 2,
-            "max_position_embeddings": CONTEXT, "pad_token_id": SPECIAL[PAD],
-            "bos_token_id": SPECIAL[BOS], "eos_token_id": SPECIAL[EOS]}
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
-    config = transformers.CLIPConfig(text_config=text, vision_config=vision,
-                                     projection_dim=16)
+    config = transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16)
     model = transformers.CLIPModel(config).eval()
     model.save_pretrained(folder)
     transformers.CLIPImageProcessor(size={"shortest_edge": 32},
                                     crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return model
+
+
+def save_tiny_siglip(folder: Path, seed: int = 4):
+    """As save_tiny_clip, a SigLIP (no projection: its vision head's output is the
+    embedding; a squashing image processor)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    # no projection: the text head must land in the vision width
+    text = {**TEXT, "projection_size": VISION["hidden_size"]}
+    config = transformers.SiglipConfig(text_config=text, vision_config=VISION)
+    model = transformers.SiglipModel(config).eval()
+    model.save_pretrained(folder)
+    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return model

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from corpus import photo_paths
-from hf_clip import save_tiny_clip
+from hf_clip import CONTEXT, save_tiny_clip, save_tiny_siglip
 
 import imgfeat
 from imgfeat.cli import main
@@ -77,11 +77,12 @@ def test_embed_is_the_default_layer_of_a_dual_encoder(clip_store, tmp_path):
     assert extract(tmp_path / "out", store.model).layer == "embed"
 
 
-def text_features(store, model, texts) -> np.ndarray:
+def text_features(store, model, texts, padding=True) -> np.ndarray:
     tokenizer = transformers.AutoTokenizer.from_pretrained(store_repo(store))
+    tokens = tokenizer(texts, padding=padding, return_tensors="pt",
+                       **({"max_length": CONTEXT} if padding == "max_length" else {}))
     with torch.inference_mode():
-        return unit(projected(model.get_text_features(
-            **tokenizer(texts, padding=True, return_tensors="pt"))).numpy())
+        return unit(projected(model.get_text_features(**tokens)).numpy())
 
 
 def test_text_queries_score_as_transformers_does(clip_store):
@@ -131,3 +132,40 @@ def test_text_on_a_store_of_a_hugging_face_backbone_is_one_line(tmp_path, capsys
     assert main(["search", str(store.layout.root), "--text", "a red car"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "text queries need a CLIP model" in err
+
+
+def test_the_page_offers_text_on_a_hugging_face_clip_store(clip_store):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import json
+
+    from serving import form, request, serving
+
+    from imgfeat.serve.app import create_app
+
+    store, model = clip_store
+    with serving(create_app(store, layer="embed")) as port:
+        status, body = request(port, "/api/info")
+        assert status == 200 and json.loads(body)["text"] is True
+        status, body = request(port, "/api/search", "POST", *form({"text": TEXTS[0], "k": "4"}))
+        assert status == 200
+        keys = [p.name for p in photo_paths()[:4]]
+        expected = text_features(store, model, TEXTS[:1])[0] @ unit(store.features("embed")[:]).T
+        hits = json.loads(body)["hits"]
+        assert [h["score"] for h in hits] == pytest.approx(
+            [expected[keys.index(h["key"])] for h in hits], abs=1e-4)
+
+
+def test_siglip_embeds_images_and_texts_as_transformers_does(tmp_path):
+    model = save_tiny_siglip(tmp_path / "repo")
+    store = extract(tmp_path / "out", f"hf:{tmp_path / 'repo'}")
+    assert store.layer == "embed"
+    with torch.inference_mode():
+        embed = projected(model.get_image_features(pixel_values=store_pixels(store))).numpy()
+    assert np.allclose(store.features()[:], embed, atol=1e-5)
+    # SigLIP compares texts padded to the full length, as it was trained
+    expected = text_features(store, model, TEXTS, padding="max_length") @ unit(embed).T
+    keys = [p.name for p in photo_paths()[:4]]
+    for row, hits in enumerate(store.search([], k=4, text=TEXTS)):
+        for key, score in hits:
+            assert score == pytest.approx(expected[row, keys.index(key)], abs=1e-5)

@@ -48,22 +48,25 @@ class HFImageModel(nn.Module):
 
 class HFDualImageModel(nn.Module):
     """A dual encoder's vision tower and its projection: the text tower is left out, so a
-    worker neither holds nor runs it. `embed` is what `get_image_features` returns."""
+    worker neither holds nor runs it. `embed` is what `get_image_features` returns; without
+    a `projection` (one imgfeat cannot reproduce) there is no `embed` and `pooled` ends it."""
 
     def __init__(self, vision: nn.Module, projection: nn.Module | None):
         super().__init__()
         # `model` as for a backbone, so layer names read the same (model.encoder.layers.0)
         self.model = vision
-        self.projection = projection if projection is not None else nn.Identity()
         self.cls, self.mean, self.pooled = nn.Identity(), nn.Identity(), nn.Identity()
-        self.embed = nn.Identity()
+        self.has_embed = projection is not None
+        if projection is not None:
+            self.projection, self.embed = projection, nn.Identity()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixels)
         hidden = out.last_hidden_state
         self.cls(hidden[:, 0])
         self.mean(hidden.mean(1))
-        return self.embed(self.projection(self.pooled(out.pooler_output)))
+        pooled = self.pooled(out.pooler_output)
+        return self.embed(self.projection(pooled)) if self.has_embed else pooled
 
 
 def is_dual_encoder(model: nn.Module) -> bool:
@@ -75,8 +78,9 @@ def load(repo: str, weights: str) -> LoadedModel:
     spec = f"hf:{repo}"
     processor, model = build(repo, weights)
     if is_dual_encoder(model):
-        return LoadedModel(spec, image_side(spec, model), _preprocess(processor), None,
-                           default_layer="embed")
+        image = image_side(model, _size(processor))
+        return LoadedModel(spec, image, _preprocess(processor), None,
+                           default_layer="embed" if image.has_embed else "pooled")
     wrapped = HFImageModel(model.eval())
     with torch.inference_mode():
         probe = model(pixel_values=torch.zeros(1, 3, *_size(processor)))
@@ -110,19 +114,25 @@ def build(repo: str, weights: str):
     return processor, model.eval()
 
 
-def image_side(spec: str, model: nn.Module) -> HFDualImageModel:
-    """The dual encoder's image side, checked once against `get_image_features` on a probe:
-    a model whose embedding is not projection(vision pooler) is refused, not misread."""
-    wrapped = HFDualImageModel(model.vision_model, getattr(model, "visual_projection", None))
-    size = getattr(model.config.vision_config, "image_size", 224)
-    probe = torch.linspace(-1, 1, 3 * size * size).reshape(1, 3, size, size)
-    with torch.inference_mode():
-        expected = projected(model.get_image_features(pixel_values=probe))
-        got = wrapped.eval()(probe)
-    if got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
-        raise UsageError(f"{spec}: imgfeat does not know how this model projects its image "
-                         "embedding; choose a layer of its vision tower with --layer")
-    return wrapped.eval()
+def image_side(model: nn.Module, size: tuple[int, int]) -> HFDualImageModel:
+    """The dual encoder's image side. Its `embed` is checked once against
+    `get_image_features` on a probe of the extraction's size: a model whose embedding is not
+    projection(vision pooler) (CLIP) or the vision pooler itself (SigLIP) gets no `embed`
+    rather than a wrong one."""
+    projection = getattr(model, "visual_projection", None)
+    if projection is None:  # SigLIP: the vision pooler (its head) is the embedding
+        projection = nn.Identity()
+    wrapped = HFDualImageModel(model.vision_model, projection).eval()
+    probe = torch.linspace(-1, 1, 3 * size[0] * size[1]).reshape(1, 3, *size)
+    try:
+        with torch.inference_mode():
+            expected = projected(model.get_image_features(pixel_values=probe))
+            got = wrapped(probe)
+        same = got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4,
+                                                                rtol=1e-4)
+    except Exception:  # a model that wants more than pixels: no embed, not a crash
+        same = False
+    return wrapped if same else HFDualImageModel(model.vision_model, None).eval()
 
 
 def projected(out) -> torch.Tensor:
@@ -139,9 +149,13 @@ def text_tower(repo: str, weights: str):
     import transformers
 
     spec = f"hf:{repo}"
-    _, model = build(repo, weights)
-    if not hasattr(model, "get_text_features"):
+    processor, model = build(repo, weights)
+    if not (is_dual_encoder(model) and hasattr(model, "get_text_features")):
         raise UsageError(f"{spec} has no text tower to embed text queries with")
+    image = image_side(model, _size(processor))
+    if not image.has_embed:
+        raise UsageError(f"{spec}: imgfeat cannot reproduce its image embedding, so a text "
+                         "cannot be compared with its images")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(repo)
     except (OSError, ValueError) as exc:
@@ -156,7 +170,7 @@ def text_tower(repo: str, weights: str):
         with torch.inference_mode():
             return projected(model.get_text_features(**tokens)).float().numpy()
 
-    return encode, state_digest(image_side(spec, model))
+    return encode, state_digest(image)
 
 
 def _size(processor) -> tuple[int, int]:

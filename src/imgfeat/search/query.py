@@ -163,23 +163,29 @@ def _whitening(store):
                      f"they were made with at {path} to embed queries")
 
 
-def text_capable(store) -> bool:
-    """Whether the store's model has a text tower to embed text queries with: an open_clip
-    model, or a Hugging Face dual encoder (only those have an `embed` layer)."""
+def text_layer(store) -> str | None:
+    """The layer a text query compares with, the CLIP image embedding (None: the store's model
+    has no text tower): open_clip's tower output, or a Hugging Face dual encoder's `embed`
+    (only those have one)."""
     spec = store.model
-    return spec.startswith("open_clip:") or (spec.startswith("hf:") and
-                                             "embed" in store.layers)
+    if spec.startswith("open_clip:"):
+        return "output"
+    return "embed" if spec.startswith("hf:") and "embed" in store.layers else None
+
+
+def text_capable(store, layer: str) -> bool:
+    """Whether a text query can be compared with `layer` of the store."""
+    return layer == text_layer(store) and not store.manifest.get("whiten")
 
 
 def _text_tower(store, layer: str):
     """texts -> (N, D) embeddings comparable with `layer` of the store, or a one-line error
     saying why a text cannot be compared with it."""
-    spec = store.model
-    if not text_capable(store):
+    spec, image_layer = store.model, text_layer(store)
+    if image_layer is None:
         raise UsageError(f"text queries need a CLIP model (open_clip:... or a Hugging Face "
                          f"CLIP/SigLIP); {store.layout.root} was extracted with {spec}")
-    image_layer = "output" if spec.startswith("open_clip:") else "embed"
-    if layer != image_layer or store.manifest.get("whiten"):
+    if not text_capable(store, layer):
         raise UsageError(f"text queries compare with the CLIP image embedding (layer "
                          f"{image_layer}, unwhitened); this search is on layer {layer!r}"
                          + (", whitened" if store.manifest.get("whiten") else ""))

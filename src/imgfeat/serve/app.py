@@ -71,7 +71,7 @@ def create_app(store, layer: str | None = None, threshold: float = 0.95):
     def info() -> dict:
         return {"root": str(store.layout.root), "rows": len(store), "model": store.model,
                 "layer": state.searcher.layer, "errors": len(store.errors),
-                "text": text_capable(store), "search": state.searcher.method,
+                "text": text_capable(store, state.searcher.layer), "search": state.searcher.method,
                 "threshold": threshold}
 
     @app.get("/api/items")
