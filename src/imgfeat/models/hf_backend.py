@@ -13,6 +13,9 @@ default layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -90,7 +93,7 @@ def load(repo: str, weights: str) -> LoadedModel:
                        default_layer=default)
 
 
-def build(repo: str, weights: str):
+def build(repo: str, weights: str) -> tuple[Any, nn.Module]:
     """(image processor, whole model in eval mode). Random weights are seeded, so the text
     side of a search rebuilds the very model extraction used."""
     try:
@@ -135,13 +138,13 @@ def image_side(model: nn.Module, size: tuple[int, int]) -> HFDualImageModel:
     return wrapped if same else HFDualImageModel(model.vision_model, None).eval()
 
 
-def projected(out) -> torch.Tensor:
+def projected(out: Any) -> torch.Tensor:
     """`get_image_features`/`get_text_features` return a tensor in transformers 4 and an
     output whose pooler_output is the projected embedding in transformers 5."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def text_tower(repo: str, weights: str):
+def text_tower(repo: str, weights: str) -> tuple[Callable[[list[str]], Any], str]:
     """(encode, digest): encode is texts -> (N, D) float32 text embeddings of the dual encoder
     `load(repo, weights)` extracts images with, tokenized by the repository's own tokenizer;
     digest is that of its image side, to check against the store's (a hub repo may have
@@ -162,7 +165,8 @@ def text_tower(repo: str, weights: str):
         raise download_error(spec, exc) from None
     # SigLIP was trained on texts padded to the full length; CLIP masks padding either way
     padding = "max_length" if "siglip" in model.config.model_type else True
-    limit = getattr(model.config.text_config, "max_position_embeddings", None)
+    text_config = getattr(model.config, "text_config", None)
+    limit = getattr(text_config, "max_position_embeddings", None)  # None: the tokenizer's
 
     def encode(texts: list[str]):
         tokens = tokenizer(texts, padding=padding, truncation=True, max_length=limit,
