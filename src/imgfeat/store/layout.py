@@ -24,6 +24,8 @@ class Layout:
         self.features = self.root / "features.h5"
         self.key_index = self.plan_dir / "keys.sqlite"
         self.locks_dir = self.root / ".locks"  # never removed: see store/run_lock.py
+        self.index_dir = self.root / "index"
+        self.row_index = self.index_dir / "rows.sqlite"  # see store/row_index.py
 
     def plan_file(self, index: int) -> Path:
         return self.plan_dir / f"shard-{index:06d}.jsonl"
@@ -41,7 +43,7 @@ class Layout:
 
     def own_paths(self) -> list[Path]:
         """Everything imgfeat writes here; --overwrite removes these and nothing else."""
-        return [self.manifest, self.plan_dir, self.shards_dir, self.features]
+        return [self.manifest, self.plan_dir, self.shards_dir, self.features, self.index_dir]
 
     def remove_own(self) -> None:
         """Delete what imgfeat wrote here, leaving any other file alone."""

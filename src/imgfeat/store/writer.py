@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 
 from imgfeat.store.layout import Layout, commit, feature_datasets, temp_path
+from imgfeat.store.shard_cache import open_h5
 
 STRING = h5py.string_dtype("utf-8")
 CHUNK_BYTES = 1 << 20
@@ -20,7 +21,7 @@ class ShardWriter:
         self.final = layout.shard_file(index)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.temp = temp_path(self.final)
-        self._file = h5py.File(self.temp, "w")
+        self._file = open_h5(self.temp, "w")
         self._features = {}
         for (layer, shape), name in zip(shapes.items(), feature_datasets(shapes).values()):
             self._features[layer] = self._file.create_dataset(

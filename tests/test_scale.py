@@ -1,0 +1,111 @@
+"""A store of many shards works with few file descriptors and memory that does not grow with
+its rows (issue 13): every command, and the Python API, under `ulimit -n 256`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_store import make_tiny_store, tiny_rows
+
+from imgfeat.compute.whitening import learn, learn_batches
+
+SHARDS = 5_000
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+UNDER_LIMIT = textwrap.dedent("""
+    import os, resource, sys
+    os.fsync = lambda fd: None  # durability is not under test: the open-file limit is
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    from imgfeat.cli import main
+    from imgfeat.store.reader import Store
+    out, scratch = sys.argv[1], sys.argv[2]
+    with Store(out) as store:
+        assert len(store) == 2 * {shards}, len(store)
+        assert store.error_count == {errors}, store.error_count
+        assert store.index("s4321/img1.jpg") == 2 * 4321 + 1
+        assert "s4999/img0.jpg" in store and "s4999/bad.jpg" not in store
+        assert store["s17/img1.jpg"].shape == (4,)
+        assert sum(1 for _ in store.keys) == len(store)
+        assert store.keys[-1] == "s4999/img1.jpg"
+        assert sum(len(k) for k, _ in store.iter_batches(999)) == len(store)
+        assert len(store.errors) == {errors} and "errors={errors}" in repr(store)
+    for argv in (["info", out], ["verify", out], ["finalize", out],
+                 ["export", out, "--to", "npy", scratch + "/npy", "--quiet"],
+                 ["whiten", out, "--dim", "3", "-o", scratch + "/white"]):
+        code = main(argv)
+        assert code == 0, (argv, code)
+    print("all under the limit")
+""")
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("many") / "store"
+    make_tiny_store(root, SHARDS)
+    return root
+
+
+def test_every_command_on_5000_shards_under_ulimit_256(many_shards, tmp_path):
+    errors = len(range(0, SHARDS, 7))
+    script = UNDER_LIMIT.format(shards=SHARDS, errors=errors)
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    done = subprocess.run([sys.executable, "-c", script, str(many_shards), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "all under the limit" in done.stdout
+    assert f": ok: {2 * SHARDS:,} rows, {errors:,} errors in {SHARDS} shards" in done.stdout
+
+
+def test_streamed_whitening_equals_whole_matrix_whitening():
+    rows = np.concatenate([tiny_rows(i, 37) + 1000.0 for i in range(20)])  # far from 0
+    whole = learn(rows, 3)
+    streamed = learn_batches(np.array_split(rows, 9), 3)
+    np.testing.assert_allclose(streamed.mean, whole.mean, rtol=1e-12)
+    # eigenvectors are defined up to sign
+    signs = np.sign(np.sum(streamed.projection * whole.projection, axis=1, keepdims=True))
+    np.testing.assert_allclose(streamed.projection * signs, whole.projection, rtol=1e-8)
+    centred = rows - whole.mean
+    values, vectors = np.linalg.eigh(centred.T @ centred / (len(rows) - 1))
+    top = np.argsort(values)[::-1][:3]
+    np.testing.assert_allclose(np.abs(streamed.projection),
+                               np.abs((vectors[:, top] / np.sqrt(values[top])).T), rtol=1e-8)
+
+
+@pytest.fixture
+def small(tmp_path) -> Path:
+    return make_tiny_store(tmp_path / "small", 60, rows=5).root
+
+
+def test_whiten_sample_learns_from_a_subset(small, tmp_path, capsys):
+    from imgfeat.cli import main
+    from imgfeat.store.reader import Store
+
+    assert main(["whiten", str(small), "--dim", "3", "--sample", "40", "-o",
+                 str(tmp_path / "w")]) == 0
+    whitened = Store(tmp_path / "w")
+    assert len(whitened) == 300 and whitened.feature_shape == (3,)
+    assert main(["whiten", str(small), "--dim", "3", "--sample", "1", "-o",
+                 str(tmp_path / "w1")]) == 2
+    assert "--sample must be at least 2" in capsys.readouterr().err
+
+
+def test_key_index_follows_a_rewritten_shard(small):
+    from imgfeat.store.reader import Store
+    from imgfeat.store.writer import ShardWriter
+
+    with Store(small) as store:
+        assert store.index("s3/img2.jpg") == 17 and store.error_count == 9
+    layout = Store(small).layout
+    writer = ShardWriter(layout, 3, {"pooled": (4,)}, "float32", 5)
+    writer.add_rows(["new/a.jpg"], {"pooled": np.ones((1, 4), np.float32)})
+    writer.commit()  # as a run after --overwrite would (same name, new file)
+    with Store(small) as store:
+        assert "s3/img2.jpg" not in store and store.index("new/a.jpg") == 15
+        assert len(store) == 296 and store.keys[15] == "new/a.jpg"
+        np.testing.assert_array_equal(store["new/a.jpg"], np.ones(4))
