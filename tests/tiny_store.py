@@ -12,7 +12,7 @@ import numpy as np
 from imgfeat.plan.shards import write_shard_items
 from imgfeat.sources import Item
 from imgfeat.store.layout import Layout
-from imgfeat.store.manifest import FORMAT, write_manifest
+from imgfeat.store.manifest import FORMAT, identity_digest, write_manifest
 from imgfeat.store.writer import ShardWriter
 
 DIM = 4
@@ -36,14 +36,16 @@ def make_tiny_store(root: Path, shards: int, rows: int = 2, error_every: int = 7
     """`shards` shards of `rows` rows each, and an error record in every `error_every`-th."""
     layout = Layout(root)
     counts = [rows + (i % error_every == 0) for i in range(shards)]
-    write_manifest(layout, tiny_manifest(counts))
+    manifest = tiny_manifest(counts)
+    write_manifest(layout, manifest)
     layout.plan_dir.mkdir()
     with mock.patch.object(os, "fsync"):  # durability is not under test here: speed is
         for index in range(shards):
             keys = [f"s{index}/img{r}.jpg" for r in range(rows)]
             bad = [f"s{index}/bad.jpg"] if index % error_every == 0 else []
             write_shard_items(layout, index, [Item(k, "/nowhere/" + k) for k in keys + bad])
-            writer = ShardWriter(layout, index, {"pooled": (DIM,)}, "float32", rows)
+            writer = ShardWriter(layout, index, {"pooled": (DIM,)}, "float32", rows,
+                                 identity=identity_digest(manifest))
             writer.add_rows(keys, {"pooled": tiny_rows(index, rows).astype(np.float32)})
             for key in bad:
                 writer.add_error(key, "decode error: not an image")

@@ -55,7 +55,7 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
         raise UsageError("--incremental runs on one node; drop --num-nodes for it")
     layout = Layout(Path(out).resolve())
     _check_folder(layout, opts, node)
-    lock = RunLock(layout, node.rank)
+    lock = RunLock(layout, node.rank, node.run)
     try:
         if node.rank == 0 and layout.manifest.exists():  # refuse a busy store before any model
             lock.acquire(overwrite=opts.overwrite)        # is loaded

@@ -23,6 +23,7 @@ from imgfeat.pipeline.gpu_decode import DeviceStage
 from imgfeat.report.stage_times import OFF, StageTimes
 from imgfeat.sources import Item
 from imgfeat.store.layout import Layout
+from imgfeat.store.manifest import identity_digest
 from imgfeat.store.writer import ShardWriter
 
 Progress = Callable[[int, int], None]  # (rows, errors) just done
@@ -95,7 +96,8 @@ class ShardPipeline:
         are decoded one at a time and `current` names the one being decoded, so that if a
         decoder kills the process the engine knows which image did it."""
         writer = ShardWriter(self.layout, index, self.extractor.feature_shapes,
-                             self.extractor.dtype.name, capacity=max(1, len(items)))
+                             self.extractor.dtype.name, capacity=max(1, len(items)),
+                             identity=identity_digest(self.extractor.identity()))
         self.batch_size = self._full_batch  # a batch halved in the last shard may fit again
         if self._device is not None:
             self._device.begin_shard()

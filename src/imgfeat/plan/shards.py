@@ -47,8 +47,17 @@ def recorded_shards(layout: Layout) -> list[Shard]:
     on_disk = layout.planned()
     shards = []
     while len(shards) in on_disk:
-        shards.append(Shard(len(shards), len(read_shard_items(layout, len(shards)))))
+        shards.append(Shard(len(shards), count_shard_items(layout, len(shards))))
     return shards
+
+
+def count_shard_items(layout: Layout, index: int) -> int:
+    """Items in a plan file: its lines, counted without parsing them (one item a line)."""
+    try:
+        with open(layout.plan_file(index), "rb") as handle:
+            return sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+    except OSError as exc:
+        raise UsageError(f"plan of shard {index} is unreadable: {exc}") from None
 
 
 def plan_shards(
@@ -89,9 +98,13 @@ def _skip_recorded(stream: Iterator[Item], index: KeyIndex, layout: Layout,
                    already: list[Shard]) -> None:
     """Consume the items a resumed walk has already planned, checking the walk agrees."""
     keys: list[str] = []
+    # Keys of recorded shards are in the index already (committed after each plan file; the
+    # last one re-added above), unless the index was lost: only then are they added again.
+    readd = index.empty()
     for shard in already:
         keys = [item.key for item in islice(stream, shard.count)]
-        index.add_new(keys)
+        if readd:
+            index.add_new(keys)
     if already and keys[-1:] != [read_shard_items(layout, already[-1].index)[-1].key]:
         raise UsageError(
             "the source changed since this run's plan was recorded; "

@@ -11,7 +11,7 @@ import numpy as np
 
 from imgfeat.errors import UsageError
 from imgfeat.store.layout import Layout, feature_datasets
-from imgfeat.store.manifest import read_manifest
+from imgfeat.store.manifest import identity_digest, read_manifest
 from imgfeat.store.row_index import RowIndex
 from imgfeat.store.shard_cache import ShardCache
 
@@ -124,8 +124,14 @@ class Store:
 
     @cached_property
     def _counts(self) -> dict[int, tuple[int, int]]:
-        """{shard: (rows, errors)} from the index: no shard is read twice."""
-        return self._index.counts(self.shards)
+        """{shard: (rows, errors)} from the index: no shard is read twice. A shard of other
+        features (another run's identity digest) is refused."""
+        counts = self._index.counts(self.shards)
+        if foreign := self._index.foreign(self.shards, identity_digest(self.manifest)):
+            raise UsageError(f"{self.layout.root}: shards {ranges(foreign)} hold features of "
+                             "another run (their identity differs from the manifest's); "
+                             "remove them and run the same extract command again")
+        return counts
 
     @cached_property
     def _offsets(self) -> np.ndarray:

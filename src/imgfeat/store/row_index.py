@@ -23,7 +23,7 @@ import h5py
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS shards (shard INTEGER PRIMARY KEY, stamp TEXT, rows INT, "
-    "errors INT, keyed INT DEFAULT 0)",
+    "errors INT, identity TEXT, keyed INT DEFAULT 0)",
     "CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, shard INT, row INT) WITHOUT ROWID",
 )
 KEY_BATCH = 65_536
@@ -73,12 +73,21 @@ class RowIndex:
                     stale.append((index,))
                 shard = self._open_shard(index)
                 entry = (now, shard["keys"].shape[0], shard["errors/keys"].shape[0])
-                fresh.append((index, *entry))
+                fresh.append((index, *entry, shard.attrs.get("identity")))
             found[index] = entry[1:]
         with self._db:  # one transaction: a commit costs an fsync
             self._db.executemany("DELETE FROM keys WHERE shard = ?", stale)  # --overwrite
-            self._db.executemany("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, 0)", fresh)
+            self._db.executemany("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, 0)",
+                                 fresh)
         return found
+
+    def foreign(self, shards: Iterable[int], identity: str) -> list[int]:
+        """Indexed shards among `shards` that record another identity digest than `identity`
+        (shards written before digests were recorded have none, and pass)."""
+        wanted = set(shards)
+        return sorted(s for s, found in
+                      self._db.execute("SELECT shard, identity FROM shards")
+                      if s in wanted and found is not None and found != identity)
 
     def find(self, key: str, shards: Iterable[int]) -> tuple[int, int] | None:
         """(shard, row within it) of `key` among `shards`, indexing their keys first."""

@@ -6,8 +6,15 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
+from imgfeat.errors import ImgfeatError
 from imgfeat.store.layout import Layout, commit, feature_datasets, temp_path
+from imgfeat.store.manifest import identity_digest, read_manifest
 from imgfeat.store.shard_cache import open_h5
+
+
+class StoreReplaced(ImgfeatError):
+    """The output folder's manifest no longer describes the features being written."""
+
 
 STRING = h5py.string_dtype("utf-8")
 CHUNK_BYTES = 1 << 20
@@ -17,7 +24,8 @@ class ShardWriter:
     """`shapes`: {layer: feature shape}; rows come as {layer: array} of one batch."""
 
     def __init__(self, layout: Layout, index: int, shapes: dict[str, tuple[int, ...]],
-                 dtype: str, capacity: int):
+                 dtype: str, capacity: int, identity: str | None = None):
+        self.layout, self.identity = layout, identity
         self.final = layout.shard_file(index)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.temp = temp_path(self.final)
@@ -29,6 +37,8 @@ class ShardWriter:
                 chunks=(_rows_per_chunk(shape, dtype, capacity), *shape))
             self._features[layer].attrs["layer"] = layer  # the name, unescaped, for h5py users
         self._file.attrs["shard"] = index
+        if identity is not None:
+            self._file.attrs["identity"] = identity  # see manifest.identity_digest
         self.keys: list[str] = []
         self.error_keys: list[str] = []
         self.error_reasons: list[str] = []
@@ -50,7 +60,18 @@ class ShardWriter:
         errors.create_dataset("keys", data=self.error_keys, dtype=STRING)
         errors.create_dataset("reasons", data=self.error_reasons, dtype=STRING)
         self._file.close()
+        self._check_identity()
         commit(self.temp, self.final)
+
+    def _check_identity(self) -> None:
+        """Refuse to commit into a store that now holds other features: a run that replaced
+        this one's store (--overwrite) must not receive its shards."""
+        if self.identity is None:
+            return
+        manifest = read_manifest(self.layout)
+        if manifest is None or identity_digest(manifest) != self.identity:
+            raise StoreReplaced(f"{self.layout.root} was replaced by a run with other features "
+                                f"while shard {self.final.name} was extracted; it is discarded")
 
     def discard(self) -> None:
         if self._file.id.valid:
