@@ -295,6 +295,8 @@ def describe(store) -> str:
           for layer, shape in store.feature_shapes.items()],
         _precision(m),
         f"errors     {store.error_count:,}",
+        *([f"overflow   {store.overflow_rows:,} rows hold inf where features exceeded float16 "
+           "(65504): extract them again with --dtype float32"] if store.overflow_rows else []),
         f"shards     {len(store.shards)} committed of "
         f"{planned if planned is not None else '? (plan not finished)'}",
     ]

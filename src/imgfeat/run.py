@@ -287,6 +287,9 @@ def _summarise(layout: Layout, node: Node, reporter: Reporter, outcome: Outcome,
     else:
         reporter.summary(f"node {node.rank} finished its part: {counts}\n{missing} shards of "
                          "other nodes are still to come ('imgfeat info' shows which)")
+    if outcome.overflow_rows:
+        reporter.summary(f"warning: {outcome.overflow_rows:,} rows exceeded float16's range "
+                         "(65504) and hold inf; extract again with --dtype float32")
     if outcome.stage_times:
         times = StageTimes()
         for seconds in outcome.stage_times.values():

@@ -36,6 +36,9 @@ def worker_process_main(slot: int, placement: Placement, opts, out: str, tasks, 
     while (task := _next_task(tasks, parent)) is not None:
         try:
             done = runner.run(task, progress, current)
+        except UsageError as exc:  # the run must stop (e.g. float16 overflow in a first shard)
+            results.put(("stop", slot, str(exc)))
+            sys.exit(1)
         except BaseException:  # any failure here is the shard's: report it, let a new
             results.put(("failed", slot, task.index, _last_line(traceback.format_exc())))
             sys.exit(1)         # process retry it (a CUDA error leaves this one unusable)

@@ -34,6 +34,7 @@ class ShardResult:
     index: int
     rows: int
     errors: int
+    overflow_rows: int = 0
 
 
 # Decode threads that share cores with the model run at this niceness: the kernel then gives
@@ -108,7 +109,7 @@ class ShardPipeline:
         finally:
             self._in_flight = None  # a failed shard's batch must not land in the next one
             writer.discard()
-        return ShardResult(index, len(writer.keys), len(writer.error_keys))
+        return ShardResult(index, len(writer.keys), len(writer.error_keys), writer.overflow_rows)
 
     def _fill(self, writer: ShardWriter, items: list[Item], progress: Progress,
               current) -> None:

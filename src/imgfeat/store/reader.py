@@ -145,6 +145,12 @@ class Store:
     def error_count(self) -> int:
         return sum(errors for _, errors in self._counts.values())
 
+    @property
+    def overflow_rows(self) -> int:
+        """Rows whose float16 features hold inf where the model gave a finite value."""
+        self._counts  # noqa: B018  (indexes every shard first)
+        return self._index.overflow_rows(self.shards)
+
     @cached_property
     def keys(self) -> Keys:
         """Every row's key, in row order, read on demand (a sequence, not a list in memory)."""

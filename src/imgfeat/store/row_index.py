@@ -23,7 +23,7 @@ import h5py
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS shards (shard INTEGER PRIMARY KEY, stamp TEXT, rows INT, "
-    "errors INT, identity TEXT, keyed INT DEFAULT 0)",
+    "errors INT, identity TEXT, overflow INT, keyed INT DEFAULT 0)",
     "CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, shard INT, row INT) WITHOUT ROWID",
 )
 KEY_BATCH = 65_536
@@ -73,11 +73,12 @@ class RowIndex:
                     stale.append((index,))
                 shard = self._open_shard(index)
                 entry = (now, shard["keys"].shape[0], shard["errors/keys"].shape[0])
-                fresh.append((index, *entry, shard.attrs.get("identity")))
+                fresh.append((index, *entry, shard.attrs.get("identity"),
+                              int(shard.attrs.get("float16_overflow_rows", 0))))
             found[index] = entry[1:]
         with self._db:  # one transaction: a commit costs an fsync
             self._db.executemany("DELETE FROM keys WHERE shard = ?", stale)  # --overwrite
-            self._db.executemany("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, 0)",
+            self._db.executemany("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, 0)",
                                  fresh)
         return found
 
@@ -88,6 +89,12 @@ class RowIndex:
         return sorted(s for s, found in
                       self._db.execute("SELECT shard, identity FROM shards")
                       if s in wanted and found is not None and found != identity)
+
+    def overflow_rows(self, shards: Iterable[int]) -> int:
+        """Rows stored with values beyond float16 (inf) in the indexed `shards`."""
+        wanted = set(shards)
+        return sum(n for s, n in self._db.execute("SELECT shard, overflow FROM shards")
+                   if s in wanted and n)
 
     def find(self, key: str, shards: Iterable[int]) -> tuple[int, int] | None:
         """(shard, row within it) of `key` among `shards`, indexing their keys first."""
