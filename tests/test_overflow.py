@@ -57,3 +57,21 @@ def test_a_run_whose_first_features_overflow_float16_stops_before_any_shard(tmp_
     assert not list(Path(out, "shards").glob("*.h5"))
     assert main([*args, "--dtype", "float32", "--overwrite"]) == 0
     assert np.isfinite(np.asarray(Store(out).features())).all()
+    log = (out / "imgfeat.log").read_text().splitlines()  # every run appends to it
+    assert [line.split(" ")[1] for line in log] == ["start:", "error:", "start:", "done:"]
+    assert "--dtype float32" in log[1]
+
+
+def test_warnings_go_above_the_progress_and_into_the_log(tmp_path):
+    import io
+
+    from imgfeat.report.progress import Reporter
+
+    stream = io.StringIO()
+    reporter = Reporter("lines", stream=stream, log=tmp_path / "imgfeat.log")
+    reporter.warn("cuda:1: UserWarning: something odd")
+    reporter.summary("done: 3 images")
+    assert stream.getvalue().splitlines() == ["imgfeat: warning: cuda:1: UserWarning: "
+                                              "something odd", "done: 3 images"]
+    log = (tmp_path / "imgfeat.log").read_text()
+    assert "warning: cuda:1: UserWarning: something odd" in log and "done: 3 images" in log

@@ -4,6 +4,7 @@ device, open (or resume) the output folder, plan while extracting, and finish th
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterable
 from dataclasses import fields
@@ -70,14 +71,21 @@ def _run(layout: Layout, sources: list[str], opts: ExtractOptions, node: Node,
          lock: RunLock) -> tuple[dict, Outcome, Reporter]:
     """Start the workers, open the store under the run lock, and extract every shard."""
     engine = _engine(opts, str(layout.root))
-    reporter = Reporter(opts.progress)
+    reporter = Reporter(opts.progress, log=layout.log)
     finished = False
     try:
         identity = {"sources": [str(Path(s).resolve()) for s in sources],
                     **engine.start(), "shard_size": opts.shard_size}
         manifest = _open_locked(layout, identity, opts, node, lock)
+        reporter.append_log(f"start: run {node.run}, node {node.rank} of {node.count}, "
+                            f"{socket.gethostname()} pid {os.getpid()}: {', '.join(sources)} "
+                            f"-> {layout.root} ({identity['model']['spec']})")
         outcome = _extract(engine, layout, manifest, sources, opts, node, reporter)
         finished = True
+    except ImgfeatError as exc:
+        if layout.manifest.exists():  # a store of ours: its log says why the run stopped
+            reporter.append_log(f"error: {exc}")
+        raise
     finally:
         reporter.stop()
         engine.stop(graceful=finished)
@@ -142,7 +150,7 @@ def _holds_anything(layout: Layout) -> bool:
     if not layout.root.is_dir():
         return False
     remove_temps_of(layout)
-    return any(TEMP_MARK not in path.name and path != layout.locks_dir
+    return any(TEMP_MARK not in path.name and path not in (layout.locks_dir, layout.log)
                for path in layout.root.iterdir())
 
 

@@ -155,6 +155,8 @@ class LocalEngine:
             self.outcome.overflow_rows += message[6]
         elif kind == "failed" and slot.task is not None:
             self._retry(slot, message[3], reporter, waiting)
+        elif kind == "warn":
+            reporter.warn(f"{slot.name}: {message[2]}")
         elif kind == "stop":  # a worker found that the run cannot go on
             raise UsageError(message[2])
         elif kind == "fatal":  # a replacement worker could not load the model

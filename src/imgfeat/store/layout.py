@@ -24,6 +24,7 @@ class Layout:
         self.features = self.root / "features.h5"
         self.key_index = self.plan_dir / "keys.sqlite"
         self.locks_dir = self.root / ".locks"  # never removed: see store/run_lock.py
+        self.log = self.root / "imgfeat.log"  # appended by every run, kept by --overwrite
         self.index_dir = self.root / "index"
         self.row_index = self.index_dir / "rows.sqlite"  # see store/row_index.py
 
