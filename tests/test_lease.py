@@ -154,3 +154,23 @@ def test_a_shard_of_another_identity_is_refused_by_readers_and_verify(tmp_path, 
         len(imgfeat.open_store(layout.root))
     assert main(["verify", str(layout.root)]) == 1
     assert "holds features of another run" in capsys.readouterr().out
+
+
+def test_old_temporaries_of_other_hosts_are_removed_unless_their_host_is_at_work(tmp_path):
+    import os
+
+    from imgfeat.store.layout import remove_temps_of
+
+    layout = Layout(tmp_path)
+    layout.shards_dir.mkdir(parents=True)
+    names = {"dead": ".shard-000001.h5.tmp-gpu-node-3-812-0a1b2c3d",
+             "fresh": ".shard-000002.h5.tmp-gpu-node-3-812-1a1b2c3d",
+             "busy": ".shard-000003.h5.tmp-gpu-node-4-77-2a1b2c3d"}
+    for what, name in names.items():
+        path = layout.shards_dir / name
+        path.write_bytes(b"")
+        if what != "fresh":
+            os.utime(path, (time.time() - 7200, time.time() - 7200))
+    remove_temps_of(layout, remote_after_s=3600, busy_hosts={"gpu-node-4"})
+    assert sorted(p.name for p in layout.shards_dir.iterdir()) == sorted(
+        [names["fresh"], names["busy"]])

@@ -21,6 +21,7 @@ from imgfeat.report.progress import Reporter
 from imgfeat.report.stage_times import StageTimes
 from imgfeat.sources import check_sources, iter_items
 from imgfeat.store.layout import TEMP_MARK, Layout, remove_temps_of
+from imgfeat.store.lease import STALE_S, live_holders
 from imgfeat.store.manifest import (
     FORMAT,
     identity_conflicts,
@@ -33,6 +34,7 @@ from imgfeat.store.run_lock import RunLock
 from imgfeat.store.virtual import build_virtual_file
 
 NODE_WAIT_S = float(os.environ.get("IMGFEAT_NODE_WAIT_S", "600"))
+REMOTE_TEMP_AGE_S = max(STALE_S, 3600.0)  # a slow shard's temporary file is still written
 
 
 class RunIncomplete(ImgfeatError):
@@ -133,7 +135,9 @@ def _open_output(layout: Layout, identity: dict, opts: ExtractOptions, node: Nod
             raise UsageError(
                 f"{layout.root} already holds different features ({'; '.join(conflicts)}); "
                 "use --overwrite to replace them, or choose another output folder")
-        remove_temps_of(layout)
+        # Other hosts' leftovers go too, once old and their host holds no live lease.
+        remove_temps_of(layout, remote_after_s=REMOTE_TEMP_AGE_S,
+                        busy_hosts={holder.host for holder in live_holders(layout)})
         return recorded
     if opts.overwrite:
         layout.remove_own()
