@@ -6,6 +6,7 @@ a run never receives that run's shards."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -157,8 +158,6 @@ def test_a_shard_of_another_identity_is_refused_by_readers_and_verify(tmp_path, 
 
 
 def test_old_temporaries_of_other_hosts_are_removed_unless_their_host_is_at_work(tmp_path):
-    import os
-
     from imgfeat.store.layout import remove_temps_of
 
     layout = Layout(tmp_path)
@@ -174,3 +173,27 @@ def test_old_temporaries_of_other_hosts_are_removed_unless_their_host_is_at_work
     remove_temps_of(layout, remote_after_s=3600, busy_hosts={"gpu-node-4"})
     assert sorted(p.name for p in layout.shards_dir.iterdir()) == sorted(
         [names["fresh"], names["busy"]])
+
+
+def test_the_last_node_waits_for_shards_it_cannot_see_yet_but_not_for_working_nodes(
+        tmp_path, monkeypatch):
+    from imgfeat import run
+    from imgfeat.plan.nodes import Node
+
+    layout = make_tiny_store(tmp_path / "store", 4)
+    aside = tmp_path / "aside.h5"
+    layout.shard_file(3).rename(aside)  # node 1's shard, not visible here yet
+    sleeps = []
+
+    def sleep(seconds):  # the listing refreshes on the second look
+        sleeps.append(seconds)
+        if len(sleeps) == 2:
+            aside.rename(layout.shard_file(3))
+
+    monkeypatch.setattr(run.time, "sleep", sleep)
+    assert run._await_visible(layout, 4, Node(2, 0, "job-5")) == {0, 1, 2, 3}
+    assert len(sleeps) == 2
+    layout.shard_file(3).rename(aside)
+    plant(layout, 1, run="job-5", pid=os.getpid())  # node 1 is still at work: no wait
+    sleeps.clear()
+    assert run._await_visible(layout, 4, Node(2, 0, "job-5")) == {0, 1, 2} and not sleeps

@@ -34,6 +34,8 @@ from imgfeat.store.run_lock import RunLock
 from imgfeat.store.virtual import build_virtual_file
 
 NODE_WAIT_S = float(os.environ.get("IMGFEAT_NODE_WAIT_S", "600"))
+SETTLE_S = float(os.environ.get("IMGFEAT_SETTLE_S", "90"))
+SETTLE_POLL_S = 3.0
 REMOTE_TEMP_AGE_S = max(STALE_S, 3600.0)  # a slow shard's temporary file is still written
 
 
@@ -257,6 +259,8 @@ def _finish(layout: Layout, manifest: dict, node: Node, reporter: Reporter,
             outcome: Outcome) -> None:
     planned = len(manifest["plan"]["shards"])
     committed = layout.committed()
+    if node.count > 1 and len(committed) < planned and not outcome.failed:
+        committed = _await_visible(layout, planned, node)
     missing = [i for i in range(planned) if i not in committed]
     lost = [i for i in missing if i % node.count == node.rank and i not in outcome.failed]
     if lost:  # this node handed out every shard of its part: one left undone is imgfeat's bug
@@ -270,6 +274,21 @@ def _finish(layout: Layout, manifest: dict, node: Node, reporter: Reporter,
         reasons = "; ".join(f"shard {i}: {why}" for i, why in sorted(outcome.failed.items()))
         raise RunIncomplete(f"{len(outcome.failed)} shard(s) failed ({reasons}); committed "
                             "shards are kept: run the same command again to retry")
+
+
+def _await_visible(layout: Layout, planned: int, node: Node) -> set[int]:
+    """The committed shards, once every one is visible here or another node of this run is
+    still at work (it will write features.h5 if it ends last). When every other node has
+    ended, a shard still missing is one this host cannot see yet (NFS caches listings for
+    up to a minute): wait up to SETTLE_S for it rather than leave features.h5 unwritten."""
+    deadline = time.monotonic() + SETTLE_S
+    committed = layout.committed()
+    while len(committed) < planned and time.monotonic() < deadline:
+        if any(h.run == node.run and h.node != node.rank for h in live_holders(layout)):
+            break
+        time.sleep(SETTLE_POLL_S)
+        committed = layout.committed()
+    return committed
 
 
 def _build_features_file(layout: Layout, manifest: dict) -> None:
@@ -298,7 +317,9 @@ def _summarise(layout: Layout, node: Node, reporter: Reporter, outcome: Outcome,
         reporter.summary(f"stopped with failed shards: {counts}")
     else:
         reporter.summary(f"node {node.rank} finished its part: {counts}\n{missing} shards of "
-                         "other nodes are still to come ('imgfeat info' shows which)")
+                         "other nodes are still to come ('imgfeat info' shows which); the "
+                         "node that ends last writes features.h5, else run 'imgfeat "
+                         f"finalize {layout.root}'")
     if outcome.overflow_rows:
         reporter.summary(f"warning: {outcome.overflow_rows:,} rows exceeded float16's range "
                          "(65504) and hold inf; extract again with --dtype float32")
