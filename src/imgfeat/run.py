@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from imgfeat.engine.local import LocalEngine, Outcome
-from imgfeat.engine.placement import parse_devices, place_workers
+from imgfeat.engine.placement import LocalTask, parse_devices, place_workers
 from imgfeat.errors import ImgfeatError, UsageError
 from imgfeat.options import ExtractOptions
 from imgfeat.plan.nodes import Node, NodeSlice
@@ -102,7 +102,9 @@ def _engine(opts: ExtractOptions, out: str):
 
         return RayEngine(lambda ray: ray_placements(ray, opts.devices, opts.threads), opts,
                          out, opts.ray_address)
-    return LocalEngine(place_workers(parse_devices(opts.devices), opts.threads), opts, out)
+    local = LocalTask.of()  # several tasks per machine: each its share of GPUs and cores
+    devices = local.devices(parse_devices(opts.devices), opts.devices)
+    return LocalEngine(place_workers(devices, opts.threads, local), opts, out)
 
 
 def _open_locked(layout: Layout, identity: dict, opts: ExtractOptions, node: Node,
