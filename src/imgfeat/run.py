@@ -16,10 +16,11 @@ from imgfeat.errors import ImgfeatError, UsageError
 from imgfeat.options import ExtractOptions
 from imgfeat.plan.nodes import Node, NodeSlice
 from imgfeat.plan.shard_stream import FixedStream, FollowerStream, PlannerStream
-from imgfeat.plan.shards import Shard, plan_shards, recorded_shards
+from imgfeat.plan.shards import Shard, last_planned_key, plan_shards, recorded_shards
 from imgfeat.report.progress import Reporter
 from imgfeat.report.stage_times import StageTimes
 from imgfeat.sources import check_sources, iter_items
+from imgfeat.sources.stream import can_resume_after
 from imgfeat.store.layout import TEMP_MARK, Layout, remove_temps_of
 from imgfeat.store.lease import STALE_S, live_holders
 from imgfeat.store.manifest import (
@@ -215,8 +216,13 @@ def _shard_stream(layout: Layout, manifest: dict, sources: list[str], opts: Extr
         manifest["plan"] = {**plan, "complete": False, "incremental": True}
         write_manifest(layout, manifest)
     layout.plan_dir.mkdir(parents=True, exist_ok=True)
-    planner = plan_shards(iter_items(sources), layout, opts.shard_size, recorded,
-                          skip_known=incremental)
+    # A resumed walk starts after the last recorded key: what the plan holds is not walked
+    # again (an incremental walk must see every key, old ones included).
+    after = None if incremental else last_planned_key(layout, recorded)
+    if after is not None and not can_resume_after(sources, after):
+        after = None
+    planner = plan_shards(iter_items(sources, after), layout, opts.shard_size, recorded,
+                          skip_known=incremental, seeked=after is not None)
     return PlannerStream(planner, known=recorded)
 
 

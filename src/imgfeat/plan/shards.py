@@ -41,6 +41,11 @@ def read_shard_items(layout: Layout, index: int) -> list[Item]:
     return [Item(*json.loads(line)) for line in text.splitlines() if line]
 
 
+def last_planned_key(layout: Layout, already: list[Shard]) -> str | None:
+    """The key of the last item of the recorded plan: where a resumed walk starts after."""
+    return read_shard_items(layout, already[-1].index)[-1].key if already else None
+
+
 def recorded_shards(layout: Layout) -> list[Shard]:
     """Shards already planned, in order: the contiguous run of plan files from 0. The plan files
     are the truth a resumed run schedules from; the manifest's copy of the plan may lag."""
@@ -62,13 +67,14 @@ def count_shard_items(layout: Layout, index: int) -> int:
 
 def plan_shards(
     items: Iterable[Item], layout: Layout, shard_size: int, already: list[Shard],
-    skip_known: bool = False,
+    skip_known: bool = False, seeked: bool = False,
 ) -> Iterator[Shard]:
     """Write and yield the shards after `already` (those recorded before).
 
     Without `skip_known`, the walk is a resumed one: its first items are those of `already`
     and are skipped. With it (incremental runs), items whose key is already planned are
-    skipped wherever they are, and only new keys make new shards.
+    skipped wherever they are, and only new keys make new shards. With `seeked`, `items`
+    start after the recorded ones already (sources.iter_items with `after`).
     """
     index = KeyIndex(layout.key_index)
     try:
@@ -77,7 +83,7 @@ def plan_shards(
             index.add_new([item.key for item in read_shard_items(layout, already[-1].index)])
         if skip_known:
             stream = (item for item in stream if not index.contains(item.key))
-        else:
+        elif not seeked:
             _skip_recorded(stream, index, layout, already)
         index.commit()  # only keys of plan files on disk: what a resumed walk agrees with
         number = len(already)
