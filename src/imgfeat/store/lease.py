@@ -119,7 +119,9 @@ class Lease:
 
     def _busy(self, holder: Holder, why: str) -> UsageError:
         return UsageError(f"another imgfeat run ({holder.describe()}) is writing "
-                          f"{self._layout.root}; {why}: wait for it to end or stop it first")
+                          f"{self._layout.root}; {why}: wait for it to end or stop it first (a "
+                          f"run that died elsewhere loses its lease {STALE_S:.0f}s after its "
+                          "last heartbeat)")
 
     def _heartbeats(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
