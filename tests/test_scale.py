@@ -51,6 +51,7 @@ def many_shards(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_every_command_on_5000_shards_under_ulimit_256(many_shards, tmp_path):
     errors = len(range(0, SHARDS, 7))
     script = UNDER_LIMIT.format(shards=SHARDS, errors=errors)
