@@ -110,3 +110,23 @@ def test_key_index_follows_a_rewritten_shard(small):
         assert "s3/img2.jpg" not in store and store.index("new/a.jpg") == 15
         assert len(store) == 296 and store.keys[15] == "new/a.jpg"
         np.testing.assert_array_equal(store["new/a.jpg"], np.ones(4))
+
+
+def test_a_folder_where_the_index_cannot_be_written_gets_a_private_one(small, monkeypatch):
+    import sqlite3
+
+    from imgfeat.store import row_index
+    from imgfeat.store.reader import Store
+
+    real = sqlite3.connect
+
+    def connect(path, **kwargs):  # as on NFS without a lock daemon, or a read-only folder
+        if str(path).startswith(str(small)):
+            raise sqlite3.OperationalError("database is locked")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(row_index.sqlite3, "connect", connect)
+    with Store(small) as store:
+        assert len(store) == 300 and store.index("s59/img4.jpg") == 299
+        private = Path(store._index._private.name)
+    assert not private.exists() and not (small / "index" / "rows.sqlite").exists()

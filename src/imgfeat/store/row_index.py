@@ -55,9 +55,14 @@ class RowIndex:
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(path, timeout=60)
-        for statement in SCHEMA:
-            db.execute(statement)
-        db.commit()
+        try:
+            db.execute("BEGIN IMMEDIATE")  # a folder where SQLite cannot lock (NFS without a
+            for statement in SCHEMA:       # lock daemon) fails here, not halfway through
+                db.execute(statement)
+            db.commit()
+        except sqlite3.Error:
+            db.close()
+            raise
         return db
 
     def counts(self, shards: Iterable[int]) -> dict[int, tuple[int, int]]:

@@ -25,7 +25,7 @@ def build_virtual_file(layout: Layout, shards: list[int], shapes: dict[str, tupl
             counts[index] = (shard["keys"].shape[0], shard["errors/keys"].shape[0])
     temp = temp_path(layout.features)
     try:
-        with h5py.File(temp, "w") as out:
+        with open_h5(temp, "w") as out:
             out.attrs["shards"] = np.asarray(shards, dtype=np.int64)
             for layer, shape in shapes.items():
                 _virtual(out, names[layer], layout, counts, 0, tuple(shape), dtype,
