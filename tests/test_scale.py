@@ -130,3 +130,39 @@ def test_a_folder_where_the_index_cannot_be_written_gets_a_private_one(small, mo
         assert len(store) == 300 and store.index("s59/img4.jpg") == 299
         private = Path(store._index._private.name)
     assert not private.exists() and not (small / "index" / "rows.sqlite").exists()
+
+
+def test_shards_are_read_where_hdf5_cannot_lock(small, monkeypatch):
+    """NFS without a lock daemon: HDF5's default open fails to lock; imgfeat reads anyway."""
+    import h5py
+
+    from imgfeat.store import shard_cache
+    from imgfeat.store.reader import Store
+
+    real = h5py.File
+
+    def no_locks(path, mode="r", **kwargs):
+        if kwargs.get("locking") is not False:
+            raise OSError("Unable to synchronously open file (unable to lock file, errno = 37, "
+                          "error message = 'No locks available')")
+        return real(path, mode, **kwargs)
+
+    monkeypatch.setattr(shard_cache.h5py, "File", no_locks)
+    with Store(small) as store:
+        assert len(store) == 300 and store.keys[-1] == "s59/img4.jpg"
+
+
+def test_a_store_and_features_h5_read_side_by_side(small):
+    """HDF5 refuses one file opened twice with different locking flags: a Store's shards and
+    features.h5's virtual datasets (h5py's defaults) must agree."""
+    import h5py
+
+    from imgfeat.cli import main
+    from imgfeat.store.reader import Store
+
+    assert main(["finalize", str(small)]) == 0
+    store = Store(small)
+    assert len(store) == 300  # shards held open by the reader's cache
+    with h5py.File(small / "features.h5", "r") as f:
+        assert f["keys"].asstr()[:].tolist() == store.keys
+    store.close()

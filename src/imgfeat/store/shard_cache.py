@@ -2,9 +2,12 @@
 open would exhaust the process's file descriptors (`ulimit -n`) long before a hundred million
 rows, so at most `capacity` stay open and the least recently used is closed first.
 
-Every shard is opened without HDF5's file locking: on NFS without lock daemons it makes every
-open fail, and shards need none (a shard is written once under a temporary name and is
-immutable once renamed)."""
+HDF5's file locking makes every open fail on NFS without lock daemons, and imgfeat's files need
+none (a shard is written once under a temporary name, immutable once renamed). Files imgfeat
+writes are opened without it. Files it reads are opened with HDF5's default first, and without
+locking only where locking fails: HDF5 refuses to open one file twice in a process with
+different locking flags, and a user reading features.h5 with h5py beside a `Store` (its virtual
+datasets open the same shards) opens them with the default."""
 
 from __future__ import annotations
 
@@ -19,8 +22,16 @@ DEFAULT_CAPACITY = 32
 
 
 def open_h5(path: str | os.PathLike, mode: str = "r") -> h5py.File:
-    """An HDF5 file opened without file locking (see the module's note)."""
-    return h5py.File(path, mode, locking=False)
+    """An HDF5 file opened for writing without file locking, or for reading with it where the
+    file system allows (see the module's note)."""
+    if mode != "r":
+        return h5py.File(path, mode, locking=False)
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        if "lock" not in str(exc).lower():
+            raise
+        return h5py.File(path, "r", locking=False)
 
 
 class ShardCache:
