@@ -86,3 +86,33 @@ def test_a_resumed_plan_does_not_walk_again_what_it_recorded(tree, tmp_path, mon
     assert not any(folder.endswith(("/a", "/a/x")) for folder in listed)
     for index in range(len(whole)):
         assert layout.plan_file(index).read_bytes() == reference.plan_file(index).read_bytes()
+
+
+def test_a_run_killed_while_walking_a_folder_resumes_the_walk_where_its_plan_ends(tree,
+                                                                                  tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import FAST
+
+    from imgfeat.cli import main
+
+    def extract(out: Path, faults: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "imgfeat", "extract", str(tree), "-o", str(out), *FAST,
+             "--shard-size", "3", "--devices", "cpu:1"], text=True, capture_output=True,
+            env={**os.environ, "IMGFEAT_TEST_FAULTS": faults}, start_new_session=True,
+            timeout=300)
+
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert extract(reference).returncode == 0
+    assert extract(out, "plan:2=kill").returncode == -9  # two shards planned, then killed
+    assert sorted(Layout(out).planned()) == [0, 1]
+    again = extract(out)
+    assert again.returncode == 0, again.stderr
+    planned = sorted(Layout(reference).planned())
+    assert sorted(Layout(out).planned()) == planned
+    for index in planned:
+        assert Layout(out).plan_file(index).read_bytes() == \
+            Layout(reference).plan_file(index).read_bytes()
+    assert main(["verify", str(out)]) == 0
