@@ -166,3 +166,35 @@ def test_a_store_and_features_h5_read_side_by_side(small):
     with h5py.File(small / "features.h5", "r") as f:
         assert f["keys"].asstr()[:].tolist() == store.keys
     store.close()
+
+
+def test_reader_memory_does_not_grow_with_rows(tmp_path):
+    """Python memory of opening, counting, looking up, iterating keys and repr, for stores of
+    the same shards with 10x the rows: a few bytes per row at most (one shard's keys are read
+    at a time), where the old reader kept every key twice, ~300 bytes a row."""
+    import tracemalloc
+
+    from imgfeat.store.reader import Store
+
+    def peak(root: Path, rows: int) -> int:
+        tracemalloc.start()
+        with Store(root) as store:
+            assert store.index(f"s29/img{rows - 1}.jpg") == len(store) - 1
+            assert "nope" not in store and sum(1 for _ in store.keys) == len(store)
+            repr(store)
+        used = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return used
+
+    small = peak(make_tiny_store(tmp_path / "small", 30, rows=100).root, 100)
+    large = peak(make_tiny_store(tmp_path / "large", 30, rows=1000).root, 1000)
+    assert (large - small) / (30 * 900) < 10, (small, large)
+
+
+def test_info_says_when_features_h5_is_missing(small, capsys):
+    from imgfeat.cli import main
+
+    assert main(["info", str(small)]) == 0
+    assert f"missing    features.h5: run 'imgfeat finalize {small}'" in capsys.readouterr().out
+    assert main(["finalize", str(small)]) == 0 and main(["info", str(small)]) == 0
+    assert "features.h5" not in capsys.readouterr().out.split("store")[-1].split("\n", 1)[1]
