@@ -116,3 +116,23 @@ def test_a_run_killed_while_walking_a_folder_resumes_the_walk_where_its_plan_end
         assert Layout(out).plan_file(index).read_bytes() == \
             Layout(reference).plan_file(index).read_bytes()
     assert main(["verify", str(out)]) == 0
+
+
+def test_a_resume_counts_plan_files_only_where_the_manifest_does_not_record_them(tmp_path,
+                                                                                monkeypatch):
+    from tiny_store import make_tiny_store
+
+    from imgfeat.plan import shards
+
+    layout = make_tiny_store(tmp_path / "store", 10)
+    counted = []
+    real = shards.count_shard_items
+    monkeypatch.setattr(shards, "count_shard_items",
+                        lambda layout_, index: counted.append(index) or real(layout_, index))
+    full = shards.recorded_shards(layout)
+    assert [s.count for s in full] == [3, 2, 2, 2, 2, 2, 2, 3, 2, 2] and len(counted) == 10
+    counted.clear()
+    assert shards.recorded_shards(layout, [s.count for s in full]) == full and not counted
+    # a manifest that disagrees with the plan folder is not trusted: every file is counted
+    assert shards.recorded_shards(layout, [s.count for s in full][1:]) == full
+    assert len(counted) == 10

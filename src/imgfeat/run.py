@@ -202,7 +202,7 @@ def _shard_stream(layout: Layout, manifest: dict, sources: list[str], opts: Extr
     if node.rank > 0:
         return FollowerStream(layout)
     plan = manifest["plan"]
-    recorded = recorded_shards(layout)
+    recorded = recorded_shards(layout, plan["shards"])
     if plan["complete"] and len(recorded) < len(plan["shards"]):
         raise UsageError(f"{layout.plan_dir} lacks the plan files of shards "
                          f"{len(recorded)}..{len(plan['shards']) - 1}: the store is damaged; "

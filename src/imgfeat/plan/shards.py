@@ -46,13 +46,18 @@ def last_planned_key(layout: Layout, already: list[Shard]) -> str | None:
     return read_shard_items(layout, already[-1].index)[-1].key if already else None
 
 
-def recorded_shards(layout: Layout) -> list[Shard]:
+def recorded_shards(layout: Layout, counts: list[int] = ()) -> list[Shard]:
     """Shards already planned, in order: the contiguous run of plan files from 0. The plan files
-    are the truth a resumed run schedules from; the manifest's copy of the plan may lag."""
+    are the truth a resumed run schedules from; the manifest's copy of the plan may lag. Where
+    that copy (`counts`) records exactly the shards on disk, its counts are theirs (a plan file
+    never changes once written), so a resume need not read every plan file again."""
     on_disk = layout.planned()
+    if len(counts) != len(on_disk):  # a plan being written, or a damaged store: count them
+        counts = ()
     shards = []
-    while len(shards) in on_disk:
-        shards.append(Shard(len(shards), count_shard_items(layout, len(shards))))
+    while (index := len(shards)) in on_disk:
+        count = counts[index] if index < len(counts) else count_shard_items(layout, index)
+        shards.append(Shard(index, count))
     return shards
 
 
