@@ -96,11 +96,13 @@ class ShardWriter:
 
     def _check_identity(self) -> None:
         """Refuse to commit into a store that now holds other features: a run that replaced
-        this one's store (--overwrite) must not receive its shards."""
+        this one's store (--overwrite) must not receive its shards. (With no manifest at all,
+        a pipeline used on its own or a store being removed, whose temporary files go with
+        it, there is nothing to mix into.)"""
         if self.identity is None:
             return
         manifest = read_manifest(self.layout)
-        if manifest is None or identity_digest(manifest) != self.identity:
+        if manifest is not None and identity_digest(manifest) != self.identity:
             raise StoreReplaced(f"{self.layout.root} was replaced by a run with other features "
                                 f"while shard {self.final.name} was extracted; it is discarded")
 
