@@ -150,12 +150,19 @@ def test_the_launchers_environment_gives_the_node(monkeypatch, env, node):
     from imgfeat.plan.nodes import Node
 
     for name in ("SLURM_NNODES", "SLURM_NODEID", "SLURM_NTASKS", "SLURM_PROCID",
-                 "SLURM_STEP_NUM_TASKS", "WORLD_SIZE", "RANK"):
+                 "SLURM_STEP_NUM_TASKS", "WORLD_SIZE", "RANK", "SLURM_JOB_ID", "SLURM_STEP_ID",
+                 "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert Node.of(ExtractOptions()) == Node(*node)
-    assert Node.of(ExtractOptions(num_nodes=2, node_rank=1)) == Node(2, 1)
+    found = Node.of(ExtractOptions())
+    assert (found.count, found.rank) == node
+    manual = Node.of(ExtractOptions(num_nodes=2, node_rank=1))
+    assert (manual.count, manual.rank) == (2, 1)
+    # the nodes of one run share its id (their leases never refuse each other)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert Node.of(ExtractOptions()).run == "slurm-77.0"
 
 
 def test_incremental_extracts_only_new_files(tmp_path):

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     whiten.add_argument("-o", "--dest", help="whitened store (default: OUT-whitened-DIM)")
     whiten.add_argument("--l2", action="store_true", help="L2-normalise whitened features")
     whiten.add_argument("--layer", help="the layer to whiten, in a store of several")
+    whiten.add_argument("--sample", type=int, metavar="N",
+                        help="learn from N rows spread evenly over the store (default: all)")
     whiten.add_argument("--overwrite", action="store_true")
     whiten.set_defaults(handler=run_whiten)
     verify = commands.add_parser("verify", help="check every shard against the manifest and plan")
@@ -297,9 +299,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_whiten(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from imgfeat.compute.whitening import learn
+    from imgfeat.compute.whitening import learn_batches
     from imgfeat.store.derive import derive_store
     from imgfeat.store.reader import Store
 
@@ -308,7 +308,8 @@ def run_whiten(args: argparse.Namespace) -> int:
         if store.manifest.get("whiten"):
             raise UsageError(f"{args.out} is whitened already")
         layer = store._layer(args.layer)
-        whitening = learn(np.asarray(store.features(layer)), args.dim, store.manifest["l2"])
+        whitening = learn_batches(_learning_batches(store, layer, args.sample), args.dim,
+                                  store.manifest["l2"])
         whitened = derive_store(
             store, layer, dest, lambda features: whitening.apply(features, l2=args.l2),
             {"whiten": whitening.describe(), "l2": args.l2, "layers": {layer: [args.dim]}},
@@ -319,6 +320,21 @@ def run_whiten(args: argparse.Namespace) -> int:
     print(f"apply it while extracting: imgfeat extract ... --whiten "
           f"{whitened.layout.root / 'whitening.npz'}{' --l2' if args.l2 else ''}")
     return 0
+
+
+def _learning_batches(store, layer: str, sample: int | None):
+    """The rows whitening learns from, a batch at a time: all, or `sample` evenly spread."""
+    import numpy as np
+
+    if sample is not None and sample < 2:
+        raise UsageError(f"--sample must be at least 2, got {sample}")
+    if sample is None or sample >= len(store):
+        yield from (features for _, features in store.iter_batches(65_536, layer))
+        return
+    rows = np.unique(np.linspace(0, len(store) - 1, sample).round().astype(np.int64))
+    features = store.features(layer)
+    for start in range(0, len(rows), 65_536):
+        yield features[rows[start:start + 65_536]]
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -332,7 +348,7 @@ def run_verify(args: argparse.Namespace) -> int:
                 print(f"problem: {problem}")
             print(f"{args.out}: {len(problems)} problem(s)")
             return 1
-        print(f"{args.out}: ok: {len(store):,} rows, {len(store.errors):,} errors in "
+        print(f"{args.out}: ok: {len(store):,} rows, {store.error_count:,} errors in "
               f"{len(store.shards)} shards, plan fully covered")
     return 0
 
@@ -382,20 +398,26 @@ def describe(store) -> str:
           + (f"  ({layer})" if len(store.layers) > 1 else "")
           for layer, shape in store.feature_shapes.items()],
         _precision(m),
-        f"errors     {len(store.errors):,}",
+        f"errors     {store.error_count:,}",
+        *([f"overflow   {store.overflow_rows:,} rows hold inf where features exceeded float16 "
+           "(65504): extract them again with --dtype float32"] if store.overflow_rows else []),
         f"shards     {len(store.shards)} committed of "
         f"{planned if planned is not None else '? (plan not finished)'}",
     ]
     for problem in store.plan_problems:
         lines.append(f"plan       {problem}: run the same extract command again to repair it")
+    if store.complete and not store.layout.features.exists():
+        lines.append(f"missing    {store.layout.features.name}: run 'imgfeat finalize "
+                     f"{store.layout.root}' to write it")
     if store.missing_shards:
         lines.append(f"missing    shards {ranges(store.missing_shards)}: "
                      "run the same extract command again to finish")
-    if store.errors:
+    if store.error_count:
         lines.append("errors by reason:")
-        groups = Counter(reason.split(":")[0] for _, reason in store.errors)
+        groups: Counter = Counter()
         example = {}
-        for key, reason in store.errors:
+        for key, reason in store.iter_errors():  # streamed: a store may hold millions
+            groups[reason.split(":")[0]] += 1
             example.setdefault(reason.split(":")[0], key)
         for reason, count in groups.most_common():
             lines.append(f"  {count:>8,}  {reason}  (e.g. {example[reason]})")

@@ -4,22 +4,25 @@ device, open (or resume) the output folder, plan while extracting, and finish th
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
 
 from imgfeat.engine.local import LocalEngine, Outcome
-from imgfeat.engine.placement import parse_devices, place_workers
+from imgfeat.engine.placement import LocalTask, parse_devices, place_workers
 from imgfeat.errors import ImgfeatError, UsageError
 from imgfeat.options import ExtractOptions
 from imgfeat.plan.nodes import Node, NodeSlice
 from imgfeat.plan.shard_stream import FixedStream, FollowerStream, PlannerStream
-from imgfeat.plan.shards import Shard, plan_shards, recorded_shards
+from imgfeat.plan.shards import Shard, last_planned_key, plan_shards, recorded_shards
 from imgfeat.report.progress import Reporter
 from imgfeat.report.stage_times import StageTimes
 from imgfeat.sources import check_sources, iter_items
+from imgfeat.sources.stream import can_resume_after
 from imgfeat.store.layout import TEMP_MARK, Layout, remove_temps_of
+from imgfeat.store.lease import STALE_S, live_holders
 from imgfeat.store.manifest import (
     FORMAT,
     identity_conflicts,
@@ -32,6 +35,9 @@ from imgfeat.store.run_lock import RunLock
 from imgfeat.store.virtual import build_virtual_file
 
 NODE_WAIT_S = float(os.environ.get("IMGFEAT_NODE_WAIT_S", "600"))
+SETTLE_S = float(os.environ.get("IMGFEAT_SETTLE_S", "90"))
+SETTLE_POLL_S = 3.0
+REMOTE_TEMP_AGE_S = max(STALE_S, 3600.0)  # a slow shard's temporary file is still written
 
 
 class RunIncomplete(ImgfeatError):
@@ -55,7 +61,7 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
         raise UsageError("--incremental runs on one node; drop --num-nodes for it")
     layout = Layout(Path(out).resolve())
     _check_folder(layout, opts, node)
-    lock = RunLock(layout, node.rank)
+    lock = RunLock(layout, node.rank, node.run)
     try:
         if node.rank == 0 and layout.manifest.exists():  # refuse a busy store before any model
             lock.acquire(overwrite=opts.overwrite)        # is loaded
@@ -70,14 +76,21 @@ def _run(layout: Layout, sources: list[str], opts: ExtractOptions, node: Node,
          lock: RunLock) -> tuple[dict, Outcome, Reporter]:
     """Start the workers, open the store under the run lock, and extract every shard."""
     engine = _engine(opts, str(layout.root))
-    reporter = Reporter(opts.progress)
+    reporter = Reporter(opts.progress, log=layout.log)
     finished = False
     try:
         identity = {"sources": [str(Path(s).resolve()) for s in sources],
                     **engine.start(), "shard_size": opts.shard_size}
         manifest = _open_locked(layout, identity, opts, node, lock)
+        reporter.append_log(f"start: run {node.run}, node {node.rank} of {node.count}, "
+                            f"{socket.gethostname()} pid {os.getpid()}: {', '.join(sources)} "
+                            f"-> {layout.root} ({identity['model']['spec']})")
         outcome = _extract(engine, layout, manifest, sources, opts, node, reporter)
         finished = True
+    except ImgfeatError as exc:
+        if layout.manifest.exists():  # a store of ours: its log says why the run stopped
+            reporter.append_log(f"error: {exc}")
+        raise
     finally:
         reporter.stop()
         engine.stop(graceful=finished)
@@ -90,7 +103,9 @@ def _engine(opts: ExtractOptions, out: str):
 
         return RayEngine(lambda ray: ray_placements(ray, opts.devices, opts.threads), opts,
                          out, opts.ray_address)
-    return LocalEngine(place_workers(parse_devices(opts.devices), opts.threads), opts, out)
+    local = LocalTask.of()  # several tasks per machine: each its share of GPUs and cores
+    devices = local.devices(parse_devices(opts.devices), opts.devices)
+    return LocalEngine(place_workers(devices, opts.threads, local), opts, out)
 
 
 def _open_locked(layout: Layout, identity: dict, opts: ExtractOptions, node: Node,
@@ -125,7 +140,9 @@ def _open_output(layout: Layout, identity: dict, opts: ExtractOptions, node: Nod
             raise UsageError(
                 f"{layout.root} already holds different features ({'; '.join(conflicts)}); "
                 "use --overwrite to replace them, or choose another output folder")
-        remove_temps_of(layout)
+        # Other hosts' leftovers go too, once old and their host holds no live lease.
+        remove_temps_of(layout, remote_after_s=REMOTE_TEMP_AGE_S,
+                        busy_hosts={holder.host for holder in live_holders(layout)})
         return recorded
     if opts.overwrite:
         layout.remove_own()
@@ -142,7 +159,7 @@ def _holds_anything(layout: Layout) -> bool:
     if not layout.root.is_dir():
         return False
     remove_temps_of(layout)
-    return any(TEMP_MARK not in path.name and path != layout.locks_dir
+    return any(TEMP_MARK not in path.name and path not in (layout.locks_dir, layout.log)
                for path in layout.root.iterdir())
 
 
@@ -185,7 +202,7 @@ def _shard_stream(layout: Layout, manifest: dict, sources: list[str], opts: Extr
     if node.rank > 0:
         return FollowerStream(layout)
     plan = manifest["plan"]
-    recorded = recorded_shards(layout)
+    recorded = recorded_shards(layout, plan["shards"])
     if plan["complete"] and len(recorded) < len(plan["shards"]):
         raise UsageError(f"{layout.plan_dir} lacks the plan files of shards "
                          f"{len(recorded)}..{len(plan['shards']) - 1}: the store is damaged; "
@@ -199,8 +216,13 @@ def _shard_stream(layout: Layout, manifest: dict, sources: list[str], opts: Extr
         manifest["plan"] = {**plan, "complete": False, "incremental": True}
         write_manifest(layout, manifest)
     layout.plan_dir.mkdir(parents=True, exist_ok=True)
-    planner = plan_shards(iter_items(sources), layout, opts.shard_size, recorded,
-                          skip_known=incremental)
+    # A resumed walk starts after the last recorded key: what the plan holds is not walked
+    # again (an incremental walk must see every key, old ones included).
+    after = None if incremental else last_planned_key(layout, recorded)
+    if after is not None and not can_resume_after(sources, after):
+        after = None
+    planner = plan_shards(iter_items(sources, after), layout, opts.shard_size, recorded,
+                          skip_known=incremental, seeked=after is not None)
     return PlannerStream(planner, known=recorded)
 
 
@@ -245,6 +267,8 @@ def _finish(layout: Layout, manifest: dict, node: Node, reporter: Reporter,
             outcome: Outcome) -> None:
     planned = len(manifest["plan"]["shards"])
     committed = layout.committed()
+    if node.count > 1 and len(committed) < planned and not outcome.failed:
+        committed = _await_visible(layout, planned, node)
     missing = [i for i in range(planned) if i not in committed]
     lost = [i for i in missing if i % node.count == node.rank and i not in outcome.failed]
     if lost:  # this node handed out every shard of its part: one left undone is imgfeat's bug
@@ -258,6 +282,21 @@ def _finish(layout: Layout, manifest: dict, node: Node, reporter: Reporter,
         reasons = "; ".join(f"shard {i}: {why}" for i, why in sorted(outcome.failed.items()))
         raise RunIncomplete(f"{len(outcome.failed)} shard(s) failed ({reasons}); committed "
                             "shards are kept: run the same command again to retry")
+
+
+def _await_visible(layout: Layout, planned: int, node: Node) -> set[int]:
+    """The committed shards, once every one is visible here or another node of this run is
+    still at work (it will write features.h5 if it ends last). When every other node has
+    ended, a shard still missing is one this host cannot see yet (NFS caches listings for
+    up to a minute): wait up to SETTLE_S for it rather than leave features.h5 unwritten."""
+    deadline = time.monotonic() + SETTLE_S
+    committed = layout.committed()
+    while len(committed) < planned and time.monotonic() < deadline:
+        if any(h.run == node.run and h.node != node.rank for h in live_holders(layout)):
+            break
+        time.sleep(SETTLE_POLL_S)
+        committed = layout.committed()
+    return committed
 
 
 def _build_features_file(layout: Layout, manifest: dict) -> None:
@@ -286,7 +325,12 @@ def _summarise(layout: Layout, node: Node, reporter: Reporter, outcome: Outcome,
         reporter.summary(f"stopped with failed shards: {counts}")
     else:
         reporter.summary(f"node {node.rank} finished its part: {counts}\n{missing} shards of "
-                         "other nodes are still to come ('imgfeat info' shows which)")
+                         "other nodes are still to come ('imgfeat info' shows which); the "
+                         "node that ends last writes features.h5, else run 'imgfeat "
+                         f"finalize {layout.root}'")
+    if outcome.overflow_rows:
+        reporter.summary(f"warning: {outcome.overflow_rows:,} rows exceeded float16's range "
+                         "(65504) and hold inf; extract again with --dtype float32")
     if outcome.stage_times:
         times = StageTimes()
         for seconds in outcome.stage_times.values():

@@ -143,9 +143,11 @@ class Extractor:
         return Pending(self, host, done)
 
     def finish(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Host-side last steps: whitening, then the stored dtype."""
-        return {layer: array.astype(self.dtype, copy=False)
-                for layer, array in self._whiten(features).items()}
+        """Host-side last steps: whitening, then the stored dtype. A value beyond float16
+        becomes inf here; the shard writer counts those rows (or stops a first shard)."""
+        with np.errstate(over="ignore"):
+            return {layer: array.astype(self.dtype, copy=False)
+                    for layer, array in self._whiten(features).items()}
 
     def float_features(self, batch: torch.Tensor, fp32: bool = False) -> dict[str, np.ndarray]:
         """What would be stored, before the stored dtype: as this extractor runs, or with

@@ -9,6 +9,7 @@ learned from were L2-normalised (so the same normalisation is applied before pro
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,25 +55,60 @@ class Whitening:
 
 def learn(features: np.ndarray, dim: int, input_l2: bool = False) -> Whitening:
     """PCA whitening of `features` (N, C), keeping the `dim` strongest directions."""
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2:
-        raise UsageError("whitening needs vector features; this store holds feature maps "
-                         "(extract with --pool)")
-    count, width = features.shape
+    return learn_batches([features], dim, input_l2)
+
+
+def learn_batches(batches: Iterable[np.ndarray], dim: int, input_l2: bool = False
+                  ) -> Whitening:
+    """PCA whitening learned from (n, C) batches, streamed: memory is one batch and a C x C
+    matrix, whatever the number of rows."""
+    moments = Moments()
+    for batch in batches:
+        batch = np.asarray(batch, dtype=np.float64)
+        if batch.ndim != 2:
+            raise UsageError("whitening needs vector features; this store holds feature maps "
+                             "(extract with --pool)")
+        moments.add(_unit(batch) if input_l2 else batch)
+    count, width = moments.count, moments.width
     if not 1 <= dim <= min(width, count - 1):
         raise UsageError(f"--dim must be between 1 and {min(width, count - 1)} for "
                          f"{count} features of {width} dimensions, got {dim}")
-    if input_l2:
-        features = _unit(features)
-    mean = features.mean(axis=0)
-    centred = features - mean
-    values, vectors = np.linalg.eigh(centred.T @ centred / (count - 1))
+    values, vectors = np.linalg.eigh(moments.scatter / (count - 1))
     order = np.argsort(values)[::-1][:dim]
     values, vectors = values[order], vectors[:, order]
     if values[-1] <= EPS * max(values[0], EPS):
         raise UsageError(f"the features span fewer than {dim} dimensions; use a smaller --dim "
                          "or more images")
-    return Whitening(mean, (vectors / np.sqrt(values)).T, input_l2)
+    return Whitening(moments.mean, (vectors / np.sqrt(values)).T, input_l2)
+
+
+class Moments:
+    """Count, mean and centred scatter matrix of rows seen so far, merged batch by batch
+    (Chan et al.'s pairwise update): as exact as centring the whole matrix at once, which
+    summing raw squares would not be for features far from the origin."""
+
+    def __init__(self):
+        self.count, self.mean, self.scatter = 0, np.zeros(0), np.zeros((0, 0))
+
+    @property
+    def width(self) -> int:
+        return self.mean.shape[0]
+
+    def add(self, batch: np.ndarray) -> None:
+        if len(batch) == 0:
+            return
+        mean = batch.mean(axis=0)
+        centred = batch - mean
+        scatter = centred.T @ centred
+        if self.count == 0:
+            self.count, self.mean, self.scatter = len(batch), mean, scatter
+            return
+        total = self.count + len(batch)
+        delta = mean - self.mean
+        self.scatter = self.scatter + scatter + np.outer(delta, delta) * (
+            self.count * len(batch) / total)
+        self.mean = self.mean + delta * (len(batch) / total)
+        self.count = total
 
 
 def load(path: str | Path) -> Whitening:

@@ -52,6 +52,7 @@ class Outcome:
 
     failed: dict[int, str] = field(default_factory=dict)
     stage_times: dict[int, dict[str, float]] = field(default_factory=dict)
+    overflow_rows: int = 0  # rows stored with values beyond float16 (inf)
 
 
 class LocalEngine:
@@ -151,8 +152,13 @@ class LocalEngine:
             slot.task = None
             if message[5]:
                 self.outcome.stage_times[slot.process.pid] = message[5]
+            self.outcome.overflow_rows += message[6]
         elif kind == "failed" and slot.task is not None:
             self._retry(slot, message[3], reporter, waiting)
+        elif kind == "warn":
+            reporter.warn(f"{slot.name}: {message[2]}")
+        elif kind == "stop":  # a worker found that the run cannot go on
+            raise UsageError(message[2])
         elif kind == "fatal":  # a replacement worker could not load the model
             slot.retired = True
 

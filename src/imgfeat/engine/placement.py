@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, replace
 
 from imgfeat.compute.device import resolve_device
@@ -61,10 +61,64 @@ def parse_devices(spec: str) -> list[str]:
     raise UsageError(f"unknown device {spec!r}; use {DEVICE_HELP}")
 
 
-def place_workers(devices: list[str], threads: int | None = None) -> list[Placement]:
-    """Split this machine's cores between the workers; CPU workers get disjoint cores."""
+@dataclass(frozen=True)
+class LocalTask:
+    """This process's place among the tasks a launcher started on this machine
+    (`srun --ntasks-per-node=8`, torchrun's processes per node): rank among `size`."""
+
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def of(cls, env: Mapping[str, str] = os.environ) -> LocalTask:
+        try:
+            if "SLURM_LOCALID" in env and "SLURM_STEP_ID" in env:
+                return cls(int(env["SLURM_LOCALID"]), _slurm_tasks_here(env))
+            if "LOCAL_RANK" in env and "LOCAL_WORLD_SIZE" in env:
+                return cls(int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]))
+        except ValueError:
+            raise UsageError("the launcher's local task variables (SLURM_LOCALID, LOCAL_RANK) "
+                             "are not numbers; pass --devices for each task") from None
+        return cls()
+
+    def devices(self, devices: list[str], spec: str) -> list[str]:
+        """This task's GPUs when `spec` asked for every GPU: every size-th from its rank, or
+        one shared GPU when there are fewer GPUs than tasks (a task started with GPUs of its
+        own, `--gpus-per-task`, sees only those and keeps them)."""
+        if self.size == 1 or spec.strip().lower() not in ("auto", "all", "cuda") \
+                or len(devices) <= 1 or not devices[0].startswith("cuda"):
+            return devices
+        mine = devices[self.rank::self.size]
+        return mine or [devices[self.rank % len(devices)]]
+
+    def cores(self, cores: list[int]) -> list[int]:
+        """This task's share of the cores when the launcher did not bind it to its own."""
+        if self.size == 1 or len(cores) < (os.cpu_count() or len(cores)) \
+                or len(cores) < self.size:
+            return cores
+        share = len(cores) // self.size
+        return cores[self.rank * share:(self.rank + 1) * share]
+
+
+def _slurm_tasks_here(env: Mapping[str, str]) -> int:
+    """Tasks of this step on this node: SLURM_STEP_TASKS_PER_NODE is e.g. '8(x2),7', one
+    count per node of the step, in node order."""
+    if "SLURM_NTASKS_PER_NODE" in env:
+        return int(env["SLURM_NTASKS_PER_NODE"])
+    counts: list[int] = []
+    for part in env.get("SLURM_STEP_TASKS_PER_NODE", "1").split(","):
+        number, _, repeat = part.partition("(x")
+        counts += [int(number)] * (int(repeat.rstrip(")")) if repeat else 1)
+    node = int(env.get("SLURM_NODEID", "0"))
+    return counts[node] if node < len(counts) else counts[-1]
+
+
+def place_workers(devices: list[str], threads: int | None = None,
+                  local: LocalTask = LocalTask()) -> list[Placement]:
+    """Split this task's cores between the workers; CPU workers get disjoint cores."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
         else list(range(os.cpu_count() or 1))
+    cores = local.cores(cores)
     share = max(1, len(cores) // len(devices))
     placements = []
     for slot, device in enumerate(devices):

@@ -222,7 +222,7 @@ class RayEngine:
         ray = self._ray
         task, actor.task = actor.task, None
         try:
-            _, rows, errors, times = ray.get(actor.ref)
+            _, rows, errors, times, overflow = ray.get(actor.ref)
         except ray.exceptions.ActorUnavailableError:
             actor.lost()  # restarting: the shard never ran there, so it costs no attempt
             self._report(reporter, actor, 0, 0)
@@ -230,6 +230,8 @@ class RayEngine:
             return
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError,
                 ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as exc:
+            if isinstance(getattr(exc, "cause", None), UsageError):  # the run must stop
+                raise UsageError(str(exc.cause)) from None
             actor.lost()
             if isinstance(exc, ray.exceptions.RayTaskError):  # alive but maybe unusable
                 ray.kill(actor.handle, no_restart=False)     # (a CUDA error): a fresh one
@@ -244,6 +246,7 @@ class RayEngine:
         self._position_file(task.index).path.unlink(missing_ok=True)
         if times:
             self.outcome.stage_times[actor.number] = times
+        self.outcome.overflow_rows += overflow
 
     def _poll_progress(self, reporter: Reporter) -> None:
         busy = [a for a in self._actors if a.task is not None]

@@ -8,6 +8,8 @@ import queue
 import signal
 import sys
 import traceback
+import warnings
+from pathlib import Path
 
 from imgfeat.engine.placement import Placement, own_device_only
 from imgfeat.errors import UsageError
@@ -27,6 +29,7 @@ def worker_process_main(slot: int, placement: Placement, opts, out: str, tasks, 
     except UsageError as exc:
         results.put(("fatal", slot, str(exc)))
         return
+    _warnings_to(results, slot)
     results.put(("ready", slot, runner.identity()))
     parent = os.getppid()
 
@@ -36,11 +39,24 @@ def worker_process_main(slot: int, placement: Placement, opts, out: str, tasks, 
     while (task := _next_task(tasks, parent)) is not None:
         try:
             done = runner.run(task, progress, current)
+        except UsageError as exc:  # the run must stop (e.g. float16 overflow in a first shard)
+            results.put(("stop", slot, str(exc)))
+            sys.exit(1)
         except BaseException:  # any failure here is the shard's: report it, let a new
             results.put(("failed", slot, task.index, _last_line(traceback.format_exc())))
             sys.exit(1)         # process retry it (a CUDA error leaves this one unusable)
         results.put(("done", slot, *done))
     runner.close()
+
+
+def _warnings_to(results, slot: int) -> None:
+    """Python warnings of this worker go to the coordinator, which prints them above the
+    progress bar and logs them (a worker writing to the terminal would garble the bar)."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        results.put(("warn", slot, f"{category.__name__}: {message} ({Path(filename).name}"
+                                   f":{lineno})"))
+
+    warnings.showwarning = show
 
 
 def _next_task(tasks, parent: int) -> Task | None:

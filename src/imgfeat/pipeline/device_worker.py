@@ -84,7 +84,7 @@ class DeviceWorker:
         result = self.pipeline.run_shard(task.index, items, progress,
                                        current=current if task.careful else None)
         return (result.index, result.rows, result.errors,
-                getattr(self.pipeline.times, "seconds", None))
+                getattr(self.pipeline.times, "seconds", None), result.overflow_rows)
 
     def close(self) -> None:
         self.pipeline.close()

@@ -23,6 +23,7 @@ from imgfeat.pipeline.gpu_decode import DeviceStage
 from imgfeat.report.stage_times import OFF, StageTimes
 from imgfeat.sources import Item
 from imgfeat.store.layout import Layout
+from imgfeat.store.manifest import identity_digest
 from imgfeat.store.writer import ShardWriter
 
 Progress = Callable[[int, int], None]  # (rows, errors) just done
@@ -33,6 +34,7 @@ class ShardResult:
     index: int
     rows: int
     errors: int
+    overflow_rows: int = 0
 
 
 # Decode threads that share cores with the model run at this niceness: the kernel then gives
@@ -95,7 +97,8 @@ class ShardPipeline:
         are decoded one at a time and `current` names the one being decoded, so that if a
         decoder kills the process the engine knows which image did it."""
         writer = ShardWriter(self.layout, index, self.extractor.feature_shapes,
-                             self.extractor.dtype.name, capacity=max(1, len(items)))
+                             self.extractor.dtype.name, capacity=max(1, len(items)),
+                             identity=identity_digest(self.extractor.identity()))
         self.batch_size = self._full_batch  # a batch halved in the last shard may fit again
         if self._device is not None:
             self._device.begin_shard()
@@ -106,7 +109,7 @@ class ShardPipeline:
         finally:
             self._in_flight = None  # a failed shard's batch must not land in the next one
             writer.discard()
-        return ShardResult(index, len(writer.keys), len(writer.error_keys))
+        return ShardResult(index, len(writer.keys), len(writer.error_keys), writer.overflow_rows)
 
     def _fill(self, writer: ShardWriter, items: list[Item], progress: Progress,
               current) -> None:

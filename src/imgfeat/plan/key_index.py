@@ -29,6 +29,9 @@ class KeyIndex:
         return self._db.execute("SELECT 1 FROM keys WHERE key = ?", (key,)).fetchone() \
             is not None
 
+    def empty(self) -> bool:
+        return self._db.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is None
+
     def commit(self) -> None:
         self._db.commit()
         faults.point("keys", self._root)

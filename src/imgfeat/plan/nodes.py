@@ -4,6 +4,8 @@ torchrun): which one this is, and its part of the plan, every N-th shard."""
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from dataclasses import dataclass
 
 from imgfeat.errors import UsageError
@@ -17,6 +19,7 @@ class Node:
 
     count: int = 1
     rank: int = 0
+    run: str = ""  # the run's id, shared by its nodes: see `run_id`
 
     @classmethod
     def of(cls, opts: ExtractOptions) -> Node:
@@ -26,7 +29,20 @@ class Node:
         rank = opts.node_rank if opts.node_rank is not None else (rank if count > 1 else 0)
         if not 0 <= rank < count:
             raise UsageError(f"--node-rank must be in 0..{count - 1}, got {rank}")
-        return cls(count, rank)
+        return cls(count, rank, run_id(os.environ, count))
+
+
+def run_id(env, count: int) -> str:
+    """What the nodes of one run share, so that their leases (store/lease.py) never refuse
+    each other: the scheduler's job and step, torchrun's run id, or for nodes started by hand
+    (--num-nodes) their number. A run of one process is its own."""
+    if "SLURM_JOB_ID" in env:
+        return f"slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', 'batch')}"
+    if "TORCHELASTIC_RUN_ID" in env:
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
+    if count > 1:
+        return f"nodes-{count}"
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 # (size, rank) variables of the launchers that start one imgfeat per task. srun sets

@@ -8,7 +8,7 @@ import queue
 import threading
 from collections.abc import Iterator
 
-from imgfeat.plan.shards import Shard, read_shard_items
+from imgfeat.plan.shards import Shard, count_shard_items
 from imgfeat.store.layout import Layout
 from imgfeat.store.manifest import read_manifest
 
@@ -90,7 +90,7 @@ class FollowerStream:
         found = []
         while self._layout.plan_file(len(self.shards)).exists():
             index = len(self.shards)
-            shard = Shard(index, len(read_shard_items(self._layout, index)))
+            shard = Shard(index, count_shard_items(self._layout, index))
             self.shards.append(shard)
             found.append(shard)
         self.finished = self._total is not None and len(self.shards) >= self._total

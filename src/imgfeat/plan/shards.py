@@ -41,25 +41,45 @@ def read_shard_items(layout: Layout, index: int) -> list[Item]:
     return [Item(*json.loads(line)) for line in text.splitlines() if line]
 
 
-def recorded_shards(layout: Layout) -> list[Shard]:
+def last_planned_key(layout: Layout, already: list[Shard]) -> str | None:
+    """The key of the last item of the recorded plan: where a resumed walk starts after."""
+    return read_shard_items(layout, already[-1].index)[-1].key if already else None
+
+
+def recorded_shards(layout: Layout, counts: list[int] = ()) -> list[Shard]:
     """Shards already planned, in order: the contiguous run of plan files from 0. The plan files
-    are the truth a resumed run schedules from; the manifest's copy of the plan may lag."""
+    are the truth a resumed run schedules from; the manifest's copy of the plan may lag. Where
+    that copy (`counts`) records exactly the shards on disk, its counts are theirs (a plan file
+    never changes once written), so a resume need not read every plan file again."""
     on_disk = layout.planned()
+    if len(counts) != len(on_disk):  # a plan being written, or a damaged store: count them
+        counts = ()
     shards = []
-    while len(shards) in on_disk:
-        shards.append(Shard(len(shards), len(read_shard_items(layout, len(shards)))))
+    while (index := len(shards)) in on_disk:
+        count = counts[index] if index < len(counts) else count_shard_items(layout, index)
+        shards.append(Shard(index, count))
     return shards
+
+
+def count_shard_items(layout: Layout, index: int) -> int:
+    """Items in a plan file: its lines, counted without parsing them (one item a line)."""
+    try:
+        with open(layout.plan_file(index), "rb") as handle:
+            return sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+    except OSError as exc:
+        raise UsageError(f"plan of shard {index} is unreadable: {exc}") from None
 
 
 def plan_shards(
     items: Iterable[Item], layout: Layout, shard_size: int, already: list[Shard],
-    skip_known: bool = False,
+    skip_known: bool = False, seeked: bool = False,
 ) -> Iterator[Shard]:
     """Write and yield the shards after `already` (those recorded before).
 
     Without `skip_known`, the walk is a resumed one: its first items are those of `already`
     and are skipped. With it (incremental runs), items whose key is already planned are
-    skipped wherever they are, and only new keys make new shards.
+    skipped wherever they are, and only new keys make new shards. With `seeked`, `items`
+    start after the recorded ones already (sources.iter_items with `after`).
     """
     index = KeyIndex(layout.key_index)
     try:
@@ -68,7 +88,7 @@ def plan_shards(
             index.add_new([item.key for item in read_shard_items(layout, already[-1].index)])
         if skip_known:
             stream = (item for item in stream if not index.contains(item.key))
-        else:
+        elif not seeked:
             _skip_recorded(stream, index, layout, already)
         index.commit()  # only keys of plan files on disk: what a resumed walk agrees with
         number = len(already)
@@ -89,9 +109,13 @@ def _skip_recorded(stream: Iterator[Item], index: KeyIndex, layout: Layout,
                    already: list[Shard]) -> None:
     """Consume the items a resumed walk has already planned, checking the walk agrees."""
     keys: list[str] = []
+    # Keys of recorded shards are in the index already (committed after each plan file; the
+    # last one re-added above), unless the index was lost: only then are they added again.
+    readd = index.empty()
     for shard in already:
         keys = [item.key for item in islice(stream, shard.count)]
-        index.add_new(keys)
+        if readd:
+            index.add_new(keys)
     if already and keys[-1:] != [read_shard_items(layout, already[-1].index)[-1].key]:
         raise UsageError(
             "the source changed since this run's plan was recorded; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -36,8 +37,9 @@ class Reporter:
     """Counts images (rows and errors) and shows them as `mode` says: bar, lines or none."""
 
     def __init__(self, mode: str = "auto", stream=None, interval: float = LINE_INTERVAL_S,
-                 label: str = "extract", unit: str = "images"):
+                 label: str = "extract", unit: str = "images", log: Path | None = None):
         self.stream = stream or sys.stderr
+        self.log = log  # warnings and the summary are appended there, whatever the mode
         self.label, self.unit = label, unit
         self.per_second = "img/s" if unit == "images" else f"{unit}/s"
         if mode == "auto":
@@ -135,8 +137,29 @@ class Reporter:
 
     def summary(self, message: str) -> None:
         self.stop()
+        self.append_log(message)
         if self.mode != "none":
             self._print(message)
+
+    def warn(self, message: str) -> None:
+        """A warning (a worker's, say): above the bar, never through it, and in the log."""
+        self.append_log(f"warning: {message}")
+        if self._bar is not None:
+            self._bar.console.print(f"imgfeat: warning: {message}", markup=False,
+                                    highlight=False)
+        elif self.mode != "none":
+            self._print(f"imgfeat: warning: {message}")
+
+    def append_log(self, message: str) -> None:
+        """One timestamped entry in the run's log file (if its folder exists)."""
+        if self.log is None or not self.log.parent.is_dir():
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        try:
+            with open(self.log, "a", encoding="utf-8") as handle:
+                handle.write("".join(f"{stamp} {line}\n" for line in message.splitlines()))
+        except OSError:
+            pass  # a log that cannot be written must not stop the run
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)

@@ -48,7 +48,7 @@ class Index:
 
 
 def paths(store, layer: str) -> tuple[Path, Path]:
-    folder = store.layout.root / "index"
+    folder = store.layout.index_dir  # beside the reader's row index (store/row_index.py)
     name = layer_dataset_name(layer)
     return folder / f"{name}.faiss", folder / f"{name}.json"
 

@@ -1,6 +1,10 @@
 """A folder's image files, recursively, in a fixed order: names sorted within each folder, so
-two walks of an unchanged folder give the same items, holding one folder's listing at a time.
-Unreadable folders, symlink loops and broken links become items with an error."""
+two walks of an unchanged folder give the same items, holding one folder's listing at a time
+(in bounded memory: sources/listing.py). Unreadable folders, symlink loops and broken links
+become items with an error.
+
+A walk can start after a key (`after`): folders and names that sort before it are skipped
+without being listed, so a resumed plan does not walk again what it has recorded."""
 
 from __future__ import annotations
 
@@ -9,38 +13,88 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from imgfeat.sources.item import Item, is_image_name
+from imgfeat.sources.listing import DIR, FILE, LINK, UNKNOWN, sorted_entries
 
 
-def walk_folder(root: Path) -> Iterator[Item]:
-    """Image files under `root`, depth first, sorted by name; hidden entries are skipped."""
+def walk_folder(root: Path, after: str | None = None) -> Iterator[Item]:
+    """Image files under `root`, depth first, sorted by name; hidden entries are skipped.
+    With `after`, only the items that come after that key in this order."""
     root_stat = root.stat()
-    yield from _walk(str(root), "", ((root_stat.st_dev, root_stat.st_ino),))
+    seek = after.split("/") if after else None
+    yield from _walk(str(root), "", ((root_stat.st_dev, root_stat.st_ino),), seek)
 
 
-def _walk(folder: str, prefix: str, ancestors: tuple[tuple[int, int], ...]) -> Iterator[Item]:
+def _walk(folder: str, prefix: str, ancestors: tuple[tuple[int, int], ...],
+          seek: list[str] | None) -> Iterator[Item]:
     try:
-        with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        entries = sorted_entries(folder)
+        first = next(entries, None)
     except OSError as exc:
         yield Item(prefix or "./", None, f"unreadable folder: {exc.strerror or exc}")
         return
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        key = prefix + _utf8(entry.name)
-        try:
-            is_dir = entry.is_dir()
-            is_file = not is_dir and entry.is_file()
-        except OSError as exc:
-            yield Item(key, None, f"unreadable entry: {exc.strerror or exc}")
-            continue
-        if is_dir:
-            yield from _walk_subfolder(entry, key, ancestors)
-        elif is_file:
-            if is_image_name(entry.name):
-                yield Item(key, entry.path)
-        elif entry.is_symlink() and is_image_name(entry.name):
-            yield Item(key, None, "broken symbolic link")
+    if first is None:
+        return
+    entries = _chain(first, entries)
+    if seek:
+        entries = _after(entries, seek, folder, prefix, ancestors)
+    for name, kind in entries:
+        yield from _entry(folder, prefix, name, kind, ancestors)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _after(entries, seek: list[str], folder: str, prefix: str, ancestors):
+    """The entries after the key `seek` (its path components): those sorting before its first
+    component are skipped unlisted; the folder it names is walked from its rest onwards."""
+    head, rest = seek[0], seek[1:]
+    for name, kind in entries:
+        key = _utf8(name)
+        if key == head:
+            if rest and rest != [""] and _is_dir(folder, name, kind):
+                yield from _as_entries(_walk_subfolder(os.path.join(folder, name),
+                                                       prefix + key, ancestors, rest))
+            break
+        if name > head:  # the recorded key is gone: resume at the next name
+            yield name, kind
+            break
+    yield from entries
+
+
+def _as_entries(items: Iterator[Item]):
+    """Items passed through `_after`'s stream of entries, marked as already walked."""
+    for item in items:
+        yield None, item
+
+
+def _entry(folder: str, prefix: str, name: str | None, kind, ancestors) -> Iterator[Item]:
+    if name is None:  # an item of a sub-folder walked by the seek
+        yield kind
+        return
+    key = prefix + _utf8(name)
+    path = os.path.join(folder, name)
+    try:
+        is_dir = _is_dir(folder, name, kind)
+        is_file = not is_dir and (kind == FILE or (kind == UNKNOWN and os.path.isfile(path)))
+    except OSError as exc:
+        yield Item(key, None, f"unreadable entry: {exc.strerror or exc}")
+        return
+    if is_dir:
+        yield from _walk_subfolder(path, key, ancestors, None)
+    elif is_file:
+        if is_image_name(name):
+            yield Item(key, path)
+    elif kind == LINK and is_image_name(name):
+        yield Item(key, None, "broken symbolic link")
+
+
+def _is_dir(folder: str, name: str, kind: str) -> bool:
+    if kind != UNKNOWN:
+        return kind == DIR
+    os.stat(os.path.join(folder, name))  # raises the reason the kind was unknown
+    return os.path.isdir(os.path.join(folder, name))
 
 
 def _utf8(name: str) -> str:
@@ -52,9 +106,9 @@ def _utf8(name: str) -> str:
         return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _walk_subfolder(entry: os.DirEntry, key: str, ancestors) -> Iterator[Item]:
+def _walk_subfolder(path: str, key: str, ancestors, seek: list[str] | None) -> Iterator[Item]:
     try:
-        stat = entry.stat()
+        stat = os.stat(path)
     except OSError as exc:
         yield Item(key + "/", None, f"unreadable folder: {exc.strerror or exc}")
         return
@@ -62,4 +116,4 @@ def _walk_subfolder(entry: os.DirEntry, key: str, ancestors) -> Iterator[Item]:
     if ident in ancestors:
         yield Item(key + "/", None, "symbolic link loop: the folder contains itself")
         return
-    yield from _walk(entry.path, key + "/", ancestors + (ident,))
+    yield from _walk(path, key + "/", ancestors + (ident,), seek)

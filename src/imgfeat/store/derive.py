@@ -12,7 +12,7 @@ import numpy as np
 
 from imgfeat.errors import UsageError
 from imgfeat.store.layout import Layout
-from imgfeat.store.manifest import write_manifest
+from imgfeat.store.manifest import identity_digest, write_manifest
 from imgfeat.store.reader import Store
 from imgfeat.store.virtual import build_virtual_file
 from imgfeat.store.writer import ShardWriter
@@ -40,7 +40,8 @@ def derive_store(store: Store, layer: str, dest: str | Path,
     for index in store.shards:
         source = store._shard(index)
         keys = source["keys"].asstr()[:].tolist()
-        writer = ShardWriter(target, index, shapes, manifest["dtype"], max(1, len(keys)))
+        writer = ShardWriter(target, index, shapes, manifest["dtype"], max(1, len(keys)),
+                             identity=identity_digest(manifest))
         try:
             if keys:
                 features = transform(store._dataset(index, layer)[:])

@@ -14,13 +14,13 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from imgfeat.errors import UsageError
 from imgfeat.report.progress import Reporter
 from imgfeat.store.layout import commit, fsync_folder, temp_path
 from imgfeat.store.reader import Store
+from imgfeat.store.shard_cache import open_h5
 from imgfeat.store.writer import STRING
 
 FORMATS = ("npy", "parquet", "h5")
@@ -180,7 +180,7 @@ def _h5(store: Store, dest: Path, *, layer, dtype, compression, advance, overwri
     chunk_rows = max(1, min(len(store), (1 << 20) // row_bytes))
     temp = temp_path(dest)
     try:
-        with h5py.File(temp, "w") as out:
+        with open_h5(temp, "w") as out:
             features = out.create_dataset("features", shape=(len(store), *shape), dtype=dtype,
                                           chunks=(chunk_rows, *shape), **options)
             keys = out.create_dataset("keys", shape=(len(store),), dtype=STRING,

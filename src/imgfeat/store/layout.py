@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -24,6 +25,9 @@ class Layout:
         self.features = self.root / "features.h5"
         self.key_index = self.plan_dir / "keys.sqlite"
         self.locks_dir = self.root / ".locks"  # never removed: see store/run_lock.py
+        self.log = self.root / "imgfeat.log"  # appended by every run, kept by --overwrite
+        self.index_dir = self.root / "index"
+        self.row_index = self.index_dir / "rows.sqlite"  # see store/row_index.py
 
     def plan_file(self, index: int) -> Path:
         return self.plan_dir / f"shard-{index:06d}.jsonl"
@@ -41,7 +45,7 @@ class Layout:
 
     def own_paths(self) -> list[Path]:
         """Everything imgfeat writes here; --overwrite removes these and nothing else."""
-        return [self.manifest, self.plan_dir, self.shards_dir, self.features]
+        return [self.manifest, self.plan_dir, self.shards_dir, self.features, self.index_dir]
 
     def remove_own(self) -> None:
         """Delete what imgfeat wrote here, leaving any other file alone."""
@@ -91,21 +95,42 @@ def temp_path(final: Path) -> Path:
         f".{final.name}{TEMP_MARK}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def remove_temps_of(layout: Layout, pids: list[int] | None = None) -> None:
+def remove_temps_of(layout: Layout, pids: list[int] | None = None,
+                    remote_after_s: float | None = None, busy_hosts=frozenset()) -> None:
     """Delete temporary files this host's processes left: those of `pids`, or (None) of any
-    process of this host that is no longer running. Other hosts' files are never touched."""
+    process of this host that is no longer running. With `remote_after_s`, also those of
+    other hosts not in `busy_hosts` (hosts with a live lease) untouched for that long: a
+    live writer's temporary file grows with every batch."""
     host = socket.gethostname()
+    now = time.time()
     for folder in (layout.shards_dir, layout.plan_dir, layout.root):
         if not folder.is_dir():
             continue
         for path in folder.iterdir():
             owner = path.name.partition(TEMP_MARK)[2]
+            if not owner:
+                continue
             if not owner.startswith(host + "-"):
+                if remote_after_s is not None and _host_of(owner) not in busy_hosts \
+                        and _age(path, now) > remote_after_s:
+                    path.unlink(missing_ok=True)
                 continue
             pid = owner[len(host) + 1:].split("-")[0]
             if pid.isdigit() and (int(pid) in pids if pids is not None
                                   else not _running(int(pid))):
                 path.unlink(missing_ok=True)
+
+
+def _host_of(owner: str) -> str:
+    """The host of a temporary name's `HOST-PID-UUID` (a host name may hold '-')."""
+    return owner.rsplit("-", 2)[0]
+
+
+def _age(path: Path, now: float) -> float:
+    try:
+        return now - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _running(pid: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from importlib import metadata
@@ -17,6 +18,17 @@ FORMAT = 1
 # (compute/precision.py), so a rerun is never refused for what the check would say today.
 IDENTITY_FIELDS = ("sources", "model", "weights", "layers", "pool", "gem_p", "scales", "whiten",
                    "l2", "preprocess", "precision", "dtype", "shard_size")
+
+# What a worker knows of the identity, and each shard records as a digest ("identity", an
+# attribute of the file): the meaning of its features. Where the items come from and how
+# they are cut into shards are the plan's business.
+SHARD_IDENTITY_FIELDS = tuple(f for f in IDENTITY_FIELDS if f not in ("sources", "shard_size"))
+
+
+def identity_digest(identity: dict) -> str:
+    """The digest of the feature-defining fields of a manifest or of a worker's identity."""
+    fields = json.loads(json.dumps({f: identity.get(f) for f in SHARD_IDENTITY_FIELDS}))
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def software_versions() -> dict:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 
 import h5py
@@ -11,7 +11,9 @@ import numpy as np
 
 from imgfeat.errors import UsageError
 from imgfeat.store.layout import Layout, feature_datasets
-from imgfeat.store.manifest import read_manifest
+from imgfeat.store.manifest import identity_digest, read_manifest
+from imgfeat.store.row_index import RowIndex
+from imgfeat.store.shard_cache import ShardCache
 
 
 class Store:
@@ -25,10 +27,10 @@ class Store:
             raise UsageError(f"{path} is not an imgfeat output folder (no manifest.json)")
         self.manifest = manifest
         self.shards = sorted(self.layout.committed())
-        self._files: dict[int, h5py.File] = {}
+        self._files = ShardCache(self.layout.shard_file)
 
     def __repr__(self) -> str:
-        return (f"Store({str(self.layout.root)!r}, rows={len(self)}, errors={len(self.errors)}, "
+        return (f"Store({str(self.layout.root)!r}, rows={len(self)}, errors={self.error_count}, "
                 f"model={self.model!r}, layers={self.layers!r})")
 
     @property
@@ -112,29 +114,58 @@ class Store:
             and not self.plan_problems
 
     def _shard(self, index: int) -> h5py.File:
-        if index not in self._files:
-            self._files[index] = h5py.File(self.layout.shard_file(index), "r")
-        return self._files[index]
+        """Shard `index`, open; at most a few are open at once (store/shard_cache.py), so
+        hold the file only as long as one read."""
+        return self._files.get(index)
+
+    @cached_property
+    def _index(self) -> RowIndex:
+        return RowIndex(self.layout.row_index, self.layout.shard_file, self._shard)
+
+    @cached_property
+    def _counts(self) -> dict[int, tuple[int, int]]:
+        """{shard: (rows, errors)} from the index: no shard is read twice. A shard of other
+        features (another run's identity digest) is refused."""
+        counts = self._index.counts(self.shards)
+        if foreign := self._index.foreign(self.shards, identity_digest(self.manifest)):
+            raise UsageError(f"{self.layout.root}: shards {ranges(foreign)} hold features of "
+                             "another run (their identity differs from the manifest's); "
+                             "remove them and run the same extract command again")
+        return counts
 
     @cached_property
     def _offsets(self) -> np.ndarray:
-        counts = [self._shard(i)["keys"].shape[0] for i in self.shards]
+        counts = [self._counts[i][0] for i in self.shards]
         return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    @cached_property
-    def keys(self) -> list[str]:
-        return [k for i in self.shards for k in self._shard(i)["keys"].asstr()[:]]
+    @property
+    def error_count(self) -> int:
+        return sum(errors for _, errors in self._counts.values())
+
+    @property
+    def overflow_rows(self) -> int:
+        """Rows whose float16 features hold inf where the model gave a finite value."""
+        self._counts  # noqa: B018  (indexes every shard first)
+        return self._index.overflow_rows(self.shards)
 
     @cached_property
+    def keys(self) -> Keys:
+        """Every row's key, in row order, read on demand (a sequence, not a list in memory)."""
+        return Keys(self)
+
+    @property
     def errors(self) -> list[tuple[str, str]]:
-        found = []
+        """Every error record, in a list (`iter_errors` streams them)."""
+        return list(self.iter_errors())
+
+    def iter_errors(self) -> Iterator[tuple[str, str]]:
         for i in self.shards:
-            group = self._shard(i)["errors"]
-            found.extend(zip(group["keys"].asstr()[:], group["reasons"].asstr()[:]))
-        return found
+            if self._counts[i][1]:
+                group = self._shard(i)["errors"]
+                yield from zip(group["keys"].asstr()[:], group["reasons"].asstr()[:])
 
     def iter_batches(self, batch_size: int = 65_536, layer: str | None = None
                      ) -> Iterator[tuple[list[str], np.ndarray]]:
@@ -157,10 +188,11 @@ class Store:
 
     def _pieces(self, size: int, layer: str) -> Iterator[tuple[list[str], np.ndarray]]:
         for index in self.shards:
-            keys, features = self._shard(index)["keys"], self._dataset(index, layer)
-            for start in range(0, keys.shape[0], size):
-                end = min(keys.shape[0], start + size)
-                yield keys.asstr()[start:end].tolist(), features[start:end]
+            rows = self._counts[index][0]
+            for start in range(0, rows, size):  # the file is fetched again for each piece:
+                end = min(rows, start + size)    # the consumer may have read other shards
+                keys = self._shard(index)["keys"].asstr()[start:end].tolist()
+                yield keys, self._dataset(index, layer)[start:end]
 
     def features(self, layer: str | None = None) -> Features:
         """All features of `layer` (needed when the store holds several) as a lazy
@@ -168,17 +200,26 @@ class Store:
         return Features(self, self._layer(layer))
 
     @cached_property
-    def _positions(self) -> dict[str, int]:
-        return {key: row for row, key in enumerate(self.keys)}
+    def _position_of(self) -> dict[int, int]:
+        return {shard: position for position, shard in enumerate(self.shards)}
+
+    def _find(self, key: object) -> int | None:
+        """The row of `key`, from the on-disk key index (built on the first lookup)."""
+        if not isinstance(key, str):
+            return None
+        hit = self._index.find(key, self.shards)
+        if hit is None or hit[0] not in self._position_of:
+            return None
+        return int(self._offsets[self._position_of[hit[0]]]) + hit[1]
 
     def index(self, key: str) -> int:
-        try:
-            return self._positions[key]
-        except KeyError:
-            raise KeyError(f"no features for key {key!r}") from None
+        row = self._find(key)
+        if row is None:
+            raise KeyError(f"no features for key {key!r}")
+        return row
 
     def __contains__(self, key: object) -> bool:
-        return key in self._positions
+        return self._find(key) is not None
 
     def __getitem__(self, key: str) -> np.ndarray | dict[str, np.ndarray]:
         """One image's features; {layer: features} when the store holds several layers."""
@@ -207,15 +248,52 @@ class Store:
         return store_neighbours(self, key, k, layer)
 
     def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
+        self._files.close()
+        if "_index" in self.__dict__:
+            self.__dict__.pop("_index").close()
 
     def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Keys(Sequence):
+    """The keys of a store's rows, read from the shards on demand; equal to any sequence of
+    the same keys in the same order."""
+
+    def __init__(self, store: Store):
+        self._store = store
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = int(index) + (len(self) if index < 0 else 0)
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} rows")
+        store = self._store
+        position = int(np.searchsorted(store._offsets, row, side="right")) - 1
+        local = row - int(store._offsets[position])
+        return store._shard(store.shards[position])["keys"].asstr()[local]
+
+    def __iter__(self) -> Iterator[str]:
+        store = self._store
+        for index in store.shards:
+            rows = store._counts[index][0]
+            for start in range(0, rows, 65_536):
+                yield from store._shard(index)["keys"].asstr()[start:start + 65_536].tolist()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} keys of {self._store.layout.root}>"
 
 
 class Features:

@@ -1,6 +1,9 @@
 """One run per output folder and node. Two runs writing one folder duplicate work, and a second
 run with --overwrite would delete files under the first.
 
+Across hosts a flock proves nothing (NFS clients, mounts without locks): each node also holds a
+lease in the folder, with a heartbeat (store/lease.py); this lock takes both.
+
 A run holds an exclusive flock on `OUT/.locks/node-R.lock` while it works. The kernel drops the
 lock when the process ends, however it ends (kill -9 included), so a lock never goes stale and a
 rerun after a crash is never refused. The lock files are left in place: deleting one that
@@ -17,13 +20,15 @@ from pathlib import Path
 
 from imgfeat.errors import UsageError
 from imgfeat.store.layout import Layout
+from imgfeat.store.lease import Lease
 
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # e.g. NFS without a lock daemon
 
 
 class RunLock:
-    def __init__(self, layout: Layout, rank: int):
+    def __init__(self, layout: Layout, rank: int, run: str):
         self._layout, self._rank = layout, rank
+        self._lease = Lease(layout, run, rank)
         self._fd: int | None = None
         self._held = False
 
@@ -38,9 +43,15 @@ class RunLock:
                 if path != self._path:
                     self._release(self._take(path, "--overwrite would delete its files"))
         self._fd = self._take(self._path, "a second run would duplicate its work")
+        try:  # across hosts, the flock says nothing: the lease does (store/lease.py)
+            self._lease.acquire(overwrite)
+        except BaseException:
+            self.release()
+            raise
         self._held = True
 
     def release(self) -> None:
+        self._lease.release()
         self._release(self._fd)
         self._fd, self._held = None, False
 

@@ -12,7 +12,9 @@ import h5py
 
 from imgfeat.plan.shards import read_shard_items
 from imgfeat.store.layout import feature_datasets
+from imgfeat.store.manifest import identity_digest
 from imgfeat.store.reader import Store
+from imgfeat.store.shard_cache import open_h5
 
 MAX_DUPLICATES_SHOWN = 3
 
@@ -57,7 +59,8 @@ def _check_shard(store: Store, index: int, seen: _KeyOwners) -> Iterator[str]:
     name = f"shard {index} ({store.layout.shard_file(index).name})"
     datasets = feature_datasets(store.layers)
     try:
-        with h5py.File(store.layout.shard_file(index), "r") as shard:
+        with open_h5(store.layout.shard_file(index)) as shard:
+            identity = shard.attrs.get("identity")
             keys = shard["keys"].asstr()[:].tolist()
             error_keys = shard["errors/keys"].asstr()[:].tolist()
             reasons = shard["errors/reasons"].asstr()[:].tolist()
@@ -69,6 +72,9 @@ def _check_shard(store: Store, index: int, seen: _KeyOwners) -> Iterator[str]:
     except (OSError, KeyError, ValueError) as exc:
         yield f"{name} is unreadable: {str(exc).splitlines()[0] if str(exc) else exc!r}"
         return
+    if identity is not None and identity != identity_digest(store.manifest):
+        yield f"{name} holds features of another run (identity {identity}, the manifest's is " \
+              f"{identity_digest(store.manifest)})"
     for layer, (shape, dtype, rows) in found.items():
         label = f"{name} {datasets[layer]}"
         if shape != store.feature_shapes[layer] or dtype != store.dtype:

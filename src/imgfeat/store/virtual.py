@@ -11,6 +11,7 @@ import numpy as np
 
 from imgfeat.errors import UsageError
 from imgfeat.store.layout import Layout, commit, feature_datasets, temp_path
+from imgfeat.store.shard_cache import open_h5
 from imgfeat.store.writer import STRING
 
 
@@ -20,11 +21,11 @@ def build_virtual_file(layout: Layout, shards: list[int], shapes: dict[str, tupl
     names = feature_datasets(shapes)
     counts = {}
     for index in shards:
-        with h5py.File(layout.shard_file(index), "r") as shard:
+        with open_h5(layout.shard_file(index)) as shard:
             counts[index] = (shard["keys"].shape[0], shard["errors/keys"].shape[0])
     temp = temp_path(layout.features)
     try:
-        with h5py.File(temp, "w") as out:
+        with open_h5(temp, "w") as out:
             out.attrs["shards"] = np.asarray(shards, dtype=np.int64)
             for layer, shape in shapes.items():
                 _virtual(out, names[layer], layout, counts, 0, tuple(shape), dtype,

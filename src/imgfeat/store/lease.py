@@ -1,0 +1,203 @@
+"""The lease: one run per output folder, across hosts. The flock of store/run_lock.py is exact
+on one host but says nothing across NFS clients (and some NFS mounts have no locks at all), so
+each node of a run also holds a lease file, `OUT/.locks/lease-node-R.json`, naming its host,
+pid, run id and a heartbeat the running process refreshes.
+
+A run refuses to start while another run's lease is alive, naming its holder. A lease is gone
+when its host is this host and its process is not running, or when its heartbeat is older than
+STALE_S (minutes: a holder on another host cannot be asked). A gone lease is taken over with a
+notice. The nodes of one multi-node run share one run id (plan/nodes.py, `run_id`), so they
+never refuse each other.
+
+Creating a lease is atomic on NFS too: the record is written under a temporary name and linked
+to the lease name (link fails if the name exists). Taking over renames the old lease away
+first, which only one of several takers can do."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from imgfeat.errors import UsageError
+from imgfeat.store.layout import Layout
+
+HEARTBEAT_S = float(os.environ.get("IMGFEAT_LEASE_HEARTBEAT_S", "30"))
+STALE_S = float(os.environ.get("IMGFEAT_LEASE_STALE_S", "300"))
+
+
+@dataclass(frozen=True)
+class Holder:
+    host: str
+    pid: int
+    run: str
+    node: int
+    heartbeat: float
+
+    def describe(self) -> str:
+        age = max(0.0, time.time() - self.heartbeat)
+        return (f"run {self.run}, node {self.node}, on {self.host} pid {self.pid}, "
+                f"heartbeat {age:.0f}s ago")
+
+    def gone(self) -> str | None:
+        """Why this holder is no longer at work, or None while it may be."""
+        if self.host == socket.gethostname() and not _running(self.pid):
+            return "its process is no longer running"
+        age = time.time() - self.heartbeat
+        if age > STALE_S:
+            return f"its heartbeat stopped {age:.0f}s ago"
+        return None
+
+    def is_me(self) -> bool:
+        return self.host == socket.gethostname() and self.pid == os.getpid()
+
+
+class Lease:
+    """This node's lease on an output folder, for run `run` (see plan/nodes.py, `run_id`)."""
+
+    def __init__(self, layout: Layout, run: str, rank: int):
+        self._layout, self._run, self._rank = layout, run, rank
+        self.path = layout.locks_dir / f"lease-node-{rank}.json"
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def acquire(self, overwrite: bool = False) -> None:
+        """Hold this node's lease, and make sure no other run holds one; start heartbeats."""
+        if self._beat is not None:
+            return
+        self._layout.locks_dir.mkdir(parents=True, exist_ok=True)
+        self._claim()
+        try:
+            self._check_others(overwrite)
+        except UsageError:
+            self._drop()
+            raise
+        self._beat = threading.Thread(target=self._heartbeats, name="imgfeat-lease",
+                                      daemon=True)
+        self._beat.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+            self._beat = None
+        self._drop()
+
+    def _record(self) -> Holder:
+        return Holder(socket.gethostname(), os.getpid(), self._run, self._rank, time.time())
+
+    def _claim(self) -> None:
+        for _ in range(3):
+            if _create(self.path, self._record()):
+                return
+            holder = read_holder(self.path)
+            if holder is not None and holder.is_me():
+                return
+            why = "its record is unreadable" if holder is None else holder.gone()
+            if why is None:
+                raise self._busy(holder, "a second run would duplicate its work")
+            if _remove(self.path, holder):
+                print(f"imgfeat: taking over {self._layout.root} from "
+                      f"{holder.describe() if holder else self.path.name}: {why}",
+                      file=sys.stderr)
+        raise UsageError(f"{self.path} keeps changing: another run is starting in "
+                         f"{self._layout.root}; start one run at a time")
+
+    def _check_others(self, overwrite: bool) -> None:
+        for path in sorted(self._layout.locks_dir.glob("lease-node-*.json")):
+            holder = read_holder(path) if path != self.path else None
+            if holder is None or holder.run == self._run or holder.gone():
+                continue
+            raise self._busy(holder, "--overwrite would delete its files" if overwrite
+                             else "a second run would duplicate its work")
+
+    def _busy(self, holder: Holder, why: str) -> UsageError:
+        return UsageError(f"another imgfeat run ({holder.describe()}) is writing "
+                          f"{self._layout.root}; {why}: wait for it to end or stop it first (a "
+                          f"run that died elsewhere loses its lease {STALE_S:.0f}s after its "
+                          "last heartbeat)")
+
+    def _heartbeats(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            holder = read_holder(self.path)
+            if holder is None or not holder.is_me():
+                print(f"imgfeat: warning: the lease on {self._layout.root} was taken over "
+                      f"({holder.describe() if holder else 'removed'})", file=sys.stderr)
+                return
+            _write(self.path, self._record())
+
+    def _drop(self) -> None:
+        holder = read_holder(self.path)
+        if holder is not None and holder.is_me():
+            _remove(self.path, holder)
+
+
+def read_holder(path: Path) -> Holder | None:
+    try:
+        return Holder(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def live_holders(layout: Layout) -> list[Holder]:
+    """Every lease of the folder whose holder may still be at work."""
+    if not layout.locks_dir.is_dir():
+        return []
+    found = (read_holder(p) for p in sorted(layout.locks_dir.glob("lease-node-*.json")))
+    return [h for h in found if h is not None and h.gone() is None]
+
+
+def _create(path: Path, holder: Holder) -> bool:
+    """Write `holder` as the lease at `path` unless one is there; whether it was created."""
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    temp.write_text(json.dumps(asdict(holder)), encoding="utf-8")
+    try:
+        os.link(temp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _write(path: Path, holder: Holder) -> None:
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    temp.write_text(json.dumps(asdict(holder)), encoding="utf-8")
+    os.replace(temp, path)
+
+
+def _remove(path: Path, expected: Holder | None = None) -> bool:
+    """Remove the lease `expected` (any, if None); renamed away first, so that of two takers
+    only one removes it. A lease that turns out to be another (a taker was faster) is put
+    back; False then."""
+    away = path.with_name(f".{path.name}.gone-{uuid.uuid4().hex}")
+    try:
+        os.rename(path, away)
+    except FileNotFoundError:
+        return False
+    try:
+        if expected is not None and read_holder(away) != expected:
+            try:
+                os.link(away, path)
+            except FileExistsError:
+                pass
+            return False
+        return True
+    finally:
+        away.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,143 @@
+"""The store's index, in SQLite beside the shards (`OUT/index/rows.sqlite`): the row and error
+counts of every committed shard, and, once a key is looked up, every key's shard and row.
+
+Why SQLite: it is in the standard library, it is an on-disk B-tree whose page cache is bounded
+(so a lookup in a hundred million keys costs a few pages, not 150 bytes a key in memory), it
+survives a crash mid-update (a transaction per shard), and several readers may share it. The
+plan's key index (`plan/keys.sqlite`) is the same kind of file.
+
+A shard is immutable once committed, but `--overwrite` replaces a store's shards: each indexed
+shard is recorded with its file's size and modification time and indexed again if either
+changed. A folder that cannot be written (a read-only copy, a full disk) gets a private index
+in a temporary file that lives as long as the reader."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import h5py
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS shards (shard INTEGER PRIMARY KEY, stamp TEXT, rows INT, "
+    "errors INT, identity TEXT, overflow INT, keyed INT DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, shard INT, row INT) WITHOUT ROWID",
+)
+KEY_BATCH = 65_536
+COMMIT_KEYS = 1_000_000
+
+
+def stamp(path: Path) -> str:
+    info = os.stat(path)
+    return f"{info.st_size}:{info.st_mtime_ns}"
+
+
+class RowIndex:
+    """`counts(shards)` and `find(key)` over the shards `shard_file(i)` of one store; shards
+    are read through `open_shard(i)` (the reader's cache of open files)."""
+
+    def __init__(self, path: Path, shard_file: Callable[[int], Path],
+                 open_shard: Callable[[int], h5py.File]):
+        self._shard_file, self._open_shard = shard_file, open_shard
+        self._private: tempfile.TemporaryDirectory | None = None
+        self._stamps: dict[int, str] = {}
+        self._all_keyed = False  # set once every shard of this reader's store is keyed
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = self._connect(path)
+        except (OSError, sqlite3.Error):
+            self._private = tempfile.TemporaryDirectory(prefix="imgfeat-index-")
+            self._db = self._connect(Path(self._private.name) / "rows.sqlite")
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, timeout=60)
+        try:
+            db.execute("BEGIN IMMEDIATE")  # a folder where SQLite cannot lock (NFS without a
+            for statement in SCHEMA:       # lock daemon) fails here, not halfway through
+                db.execute(statement)
+            db.commit()
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
+
+    def counts(self, shards: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """{shard: (rows, errors)}, reading only shards not indexed yet (or changed since)."""
+        known = {s: (st, r, e) for s, st, r, e in
+                 self._db.execute("SELECT shard, stamp, rows, errors FROM shards")}
+        found, fresh, stale = {}, [], []
+        for index in shards:
+            now = self._stamp(index)
+            entry = known.get(index)
+            if entry is None or entry[0] != now:
+                if entry is not None:
+                    stale.append((index,))
+                shard = self._open_shard(index)
+                entry = (now, shard["keys"].shape[0], shard["errors/keys"].shape[0])
+                fresh.append((index, *entry, shard.attrs.get("identity"),
+                              int(shard.attrs.get("float16_overflow_rows", 0))))
+            found[index] = entry[1:]
+        with self._db:  # one transaction: a commit costs an fsync
+            self._db.executemany("DELETE FROM keys WHERE shard = ?", stale)  # --overwrite
+            self._db.executemany("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, 0)",
+                                 fresh)
+        return found
+
+    def foreign(self, shards: Iterable[int], identity: str) -> list[int]:
+        """Indexed shards among `shards` that record another identity digest than `identity`
+        (shards written before digests were recorded have none, and pass)."""
+        wanted = set(shards)
+        return sorted(s for s, found in
+                      self._db.execute("SELECT shard, identity FROM shards")
+                      if s in wanted and found is not None and found != identity)
+
+    def overflow_rows(self, shards: Iterable[int]) -> int:
+        """Rows stored with values beyond float16 (inf) in the indexed `shards`."""
+        wanted = set(shards)
+        return sum(n for s, n in self._db.execute("SELECT shard, overflow FROM shards")
+                   if s in wanted and n)
+
+    def find(self, key: str, shards: Iterable[int]) -> tuple[int, int] | None:
+        """(shard, row within it) of `key` among `shards`, indexing their keys first."""
+        self._index_keys(shards)
+        hit = self._db.execute("SELECT shard, row FROM keys WHERE key = ?", (key,)).fetchone()
+        return None if hit is None else (hit[0], hit[1])
+
+    def _index_keys(self, shards: Iterable[int]) -> None:
+        if self._all_keyed:
+            return
+        shards = list(shards)
+        self.counts(shards)  # a changed shard is reset (keyed = 0) first
+        keyed = {s for (s,) in self._db.execute("SELECT shard FROM shards WHERE keyed = 1")}
+        pending = 0
+        for index in shards:
+            if index not in keyed:
+                pending += self._add_keys(index)
+            if pending >= COMMIT_KEYS:  # a crash loses the uncommitted shards' keys only:
+                self._db.commit()      # they are still marked unkeyed
+                pending = 0
+        self._db.commit()
+        self._all_keyed = True
+
+    def _add_keys(self, index: int) -> int:
+        keys = self._open_shard(index)["keys"]
+        for start in range(0, keys.shape[0], KEY_BATCH):
+            names = keys.asstr()[start:start + KEY_BATCH]
+            self._db.executemany("INSERT OR IGNORE INTO keys VALUES (?, ?, ?)",
+                                 ((k, index, start + i) for i, k in enumerate(names)))
+        self._db.execute("UPDATE shards SET keyed = 1 WHERE shard = ?", (index,))
+        return keys.shape[0]
+
+    def _stamp(self, index: int) -> str:
+        if index not in self._stamps:
+            self._stamps[index] = stamp(self._shard_file(index))
+        return self._stamps[index]
+
+    def close(self) -> None:
+        self._db.close()
+        if self._private is not None:
+            self._private.cleanup()
