@@ -198,3 +198,23 @@ def test_info_says_when_features_h5_is_missing(small, capsys):
     assert f"missing    features.h5: run 'imgfeat finalize {small}'" in capsys.readouterr().out
     assert main(["finalize", str(small)]) == 0 and main(["info", str(small)]) == 0
     assert "features.h5" not in capsys.readouterr().out.split("store")[-1].split("\n", 1)[1]
+
+
+def test_a_store_is_read_from_several_threads(small):
+    """The page's server reads one Store from a pool of threads (SQLite objects and the cache
+    of open shards are shared by them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgfeat.store.reader import Store
+
+    store = Store(small)
+    keys = list(store.keys)
+    store.index(keys[0])  # the index is made in this thread, used in the others
+
+    def look(key):
+        return store.index(key), store[key].tolist(), len(store)
+
+    with ThreadPoolExecutor(4) as pool:
+        seen = list(pool.map(look, keys))
+    assert [row for row, _, _ in seen] == list(range(len(keys)))
+    assert {n for _, _, n in seen} == {len(keys)}

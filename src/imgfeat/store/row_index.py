@@ -13,9 +13,11 @@ in a temporary file that lives as long as the reader."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -35,9 +37,19 @@ def stamp(path: Path) -> str:
     return f"{info.st_size}:{info.st_mtime_ns}"
 
 
+def _serialised(method):
+    """One call at a time: a Store may be read from several threads (the page's server)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class RowIndex:
     """`counts(shards)` and `find(key)` over the shards `shard_file(i)` of one store; shards
-    are read through `open_shard(i)` (the reader's cache of open files)."""
+    are read through `open_shard(i)` (the reader's cache of open files). Safe to share
+    between threads."""
 
     def __init__(self, path: Path, shard_file: Callable[[int], Path],
                  open_shard: Callable[[int], h5py.File]):
@@ -45,6 +57,7 @@ class RowIndex:
         self._private: tempfile.TemporaryDirectory | None = None
         self._stamps: dict[int, str] = {}
         self._all_keyed = False  # set once every shard of this reader's store is keyed
+        self._lock = threading.RLock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = self._connect(path)
@@ -54,7 +67,7 @@ class RowIndex:
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(path, timeout=60)
+        db = sqlite3.connect(path, timeout=60, check_same_thread=False)  # _serialised
         try:
             db.execute("BEGIN IMMEDIATE")  # a folder where SQLite cannot lock (NFS without a
             for statement in SCHEMA:       # lock daemon) fails here, not halfway through
@@ -65,6 +78,7 @@ class RowIndex:
             raise
         return db
 
+    @_serialised
     def counts(self, shards: Iterable[int]) -> dict[int, tuple[int, int]]:
         """{shard: (rows, errors)}, reading only shards not indexed yet (or changed since)."""
         known = {s: (st, r, e) for s, st, r, e in
@@ -87,6 +101,7 @@ class RowIndex:
                                  fresh)
         return found
 
+    @_serialised
     def foreign(self, shards: Iterable[int], identity: str) -> list[int]:
         """Indexed shards among `shards` that record another identity digest than `identity`
         (shards written before digests were recorded have none, and pass)."""
@@ -95,12 +110,14 @@ class RowIndex:
                       self._db.execute("SELECT shard, identity FROM shards")
                       if s in wanted and found is not None and found != identity)
 
+    @_serialised
     def overflow_rows(self, shards: Iterable[int]) -> int:
         """Rows stored with values beyond float16 (inf) in the indexed `shards`."""
         wanted = set(shards)
         return sum(n for s, n in self._db.execute("SELECT shard, overflow FROM shards")
                    if s in wanted and n)
 
+    @_serialised
     def find(self, key: str, shards: Iterable[int]) -> tuple[int, int] | None:
         """(shard, row within it) of `key` among `shards`, indexing their keys first."""
         self._index_keys(shards)
@@ -137,6 +154,7 @@ class RowIndex:
             self._stamps[index] = stamp(self._shard_file(index))
         return self._stamps[index]
 
+    @_serialised
     def close(self) -> None:
         self._db.close()
         if self._private is not None:

@@ -12,6 +12,7 @@ datasets open the same shards) opens them with the default."""
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -42,16 +43,18 @@ class ShardCache:
             raise ValueError("a shard cache holds at least one file")
         self._path_of, self._capacity = path_of, capacity
         self._open: OrderedDict[int, h5py.File] = OrderedDict()
+        self._lock = threading.Lock()  # a Store may be read from several threads
 
     def get(self, index: int) -> h5py.File:
-        handle = self._open.get(index)
-        if handle is not None:
-            self._open.move_to_end(index)
+        with self._lock:
+            handle = self._open.get(index)
+            if handle is not None:
+                self._open.move_to_end(index)
+                return handle
+            while len(self._open) >= self._capacity:
+                self._open.popitem(last=False)[1].close()
+            handle = self._open[index] = open_h5(self._path_of(index))
             return handle
-        while len(self._open) >= self._capacity:
-            self._open.popitem(last=False)[1].close()
-        handle = self._open[index] = open_h5(self._path_of(index))
-        return handle
 
     def __len__(self) -> int:
         return len(self._open)
