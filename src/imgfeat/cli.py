@@ -4,6 +4,7 @@ non-zero exit, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections import Counter
@@ -86,8 +87,20 @@ def _add_extract(commands) -> None:
     p = commands.add_parser("extract", help="extract features of images into a store",
                             description="Extract features of every image in SOURCE... into OUT.")
     p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="folder of images (recursive), list file of paths, or image file")
+                   help="folder of images (recursive), list file of paths, webdataset tar "
+                   "(.tar, .tar.gz, .tgz; brace patterns 'data/{00000..00099}.tar'), table "
+                   "(.parquet, .csv, .jsonl), or image file; local or an fsspec URL (s3://...)")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--storage-options", type=_json_object, metavar="JSON",
+                   help="fsspec storage options for sources and output, e.g. "
+                   "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
+    t = p.add_argument_group("tables")
+    t.add_argument("--image-column", help="column of image paths or bytes (default: the first "
+                   "of image, image_path, path, file, filepath, filename)")
+    t.add_argument("--key-column", help="column of keys (default: the path, or "
+                   "<table>/<row> for bytes)")
+    t.add_argument("--meta-columns", type=_names, default=(), metavar="A,B",
+                   help="columns carried as metadata into the store and the npy export")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"{', '.join(MODEL_KINDS)} (default {DEFAULT_MODEL})")
@@ -159,6 +172,20 @@ def _add_extract(commands) -> None:
                    help="print seconds per stage (read, decode, preprocess, forward, write)")
     r.add_argument("--quiet", action="store_true", help="no progress and no summary")
     p.set_defaults(handler=run_extract)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _add_export(commands) -> None:
@@ -282,6 +309,8 @@ def describe(store) -> str:
         f"shards     {len(store.shards)} committed of "
         f"{planned if planned is not None else '? (plan not finished)'}",
     ]
+    if skipped := m["plan"].get("skipped"):
+        lines.append(f"skipped    {skipped:,} files of other types")
     for problem in store.plan_problems:
         lines.append(f"plan       {problem}: run the same extract command again to repair it")
     if store.missing_shards:

@@ -19,6 +19,8 @@ from imgfeat.plan.shards import Shard, plan_shards, recorded_shards
 from imgfeat.report.progress import Reporter
 from imgfeat.report.stage_times import StageTimes
 from imgfeat.sources import check_sources, iter_items
+from imgfeat.sources.stream import SourceOptions, Tally
+from imgfeat.sources.tables import TableOptions
 from imgfeat.store.layout import TEMP_MARK, Layout, remove_temps_of
 from imgfeat.store.manifest import (
     FORMAT,
@@ -29,6 +31,7 @@ from imgfeat.store.manifest import (
 )
 from imgfeat.store.reader import Store
 from imgfeat.store.run_lock import RunLock
+from imgfeat.store.storage import is_url
 from imgfeat.store.virtual import build_virtual_file
 
 NODE_WAIT_S = float(os.environ.get("IMGFEAT_NODE_WAIT_S", "600"))
@@ -49,7 +52,8 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
         raise UsageError(f"unknown option(s): {', '.join(sorted(unknown))}")
     opts = ExtractOptions(**options)
     opts.check()
-    sources = check_sources([sources] if isinstance(sources, (str, Path)) else sources)
+    sources = check_sources([sources] if isinstance(sources, (str, Path)) else sources,
+                            source_options(opts))
     node = Node.of(opts)
     if node.count > 1 and opts.incremental:
         raise UsageError("--incremental runs on one node; drop --num-nodes for it")
@@ -73,7 +77,7 @@ def _run(layout: Layout, sources: list[str], opts: ExtractOptions, node: Node,
     reporter = Reporter(opts.progress)
     finished = False
     try:
-        identity = {"sources": [str(Path(s).resolve()) for s in sources],
+        identity = {"sources": [s if is_url(s) else str(Path(s).resolve()) for s in sources],
                     **engine.start(), "shard_size": opts.shard_size}
         manifest = _open_locked(layout, identity, opts, node, lock)
         outcome = _extract(engine, layout, manifest, sources, opts, node, reporter)
@@ -165,10 +169,13 @@ def _wait_for_manifest(layout: Layout, identity: dict, overwrite: bool) -> dict:
 
 def _extract(engine: LocalEngine, layout: Layout, manifest: dict, sources: list[str],
              opts: ExtractOptions, node: Node, reporter: Reporter) -> Outcome:
-    stream = _shard_stream(layout, manifest, sources, opts, node)
+    tally = Tally()
+    stream = _shard_stream(layout, manifest, sources, opts, node, tally)
+    walked = isinstance(stream, PlannerStream)
     committed = layout.committed()
     watched = _Watched(NodeSlice(stream, node.count, node.rank), committed, reporter,
-                       lambda shards: _plan_complete(layout, manifest, shards, node))
+                       lambda shards: _plan_complete(layout, manifest, shards, node,
+                                                     tally.skipped if walked else None))
     reporter.start(total=None)
     try:
         return engine.run(watched, reporter, committed)
@@ -178,7 +185,7 @@ def _extract(engine: LocalEngine, layout: Layout, manifest: dict, sources: list[
 
 
 def _shard_stream(layout: Layout, manifest: dict, sources: list[str], opts: ExtractOptions,
-                  node: Node):
+                  node: Node, tally: Tally):
     """Where the engine's shards come from. The plan files on disk are the truth: every one of
     them is scheduled (those committed are skipped by the engine), whatever the manifest's
     copy of the plan says, so a run killed at any instant of planning loses nothing."""
@@ -199,9 +206,14 @@ def _shard_stream(layout: Layout, manifest: dict, sources: list[str], opts: Extr
         manifest["plan"] = {**plan, "complete": False, "incremental": True}
         write_manifest(layout, manifest)
     layout.plan_dir.mkdir(parents=True, exist_ok=True)
-    planner = plan_shards(iter_items(sources), layout, opts.shard_size, recorded,
-                          skip_known=incremental)
+    planner = plan_shards(iter_items(sources, source_options(opts), tally), layout,
+                          opts.shard_size, recorded, skip_known=incremental)
     return PlannerStream(planner, known=recorded)
+
+
+def source_options(opts: ExtractOptions) -> SourceOptions:
+    return SourceOptions(opts.storage_options, TableOptions(
+        opts.image_column, opts.key_column, tuple(opts.meta_columns)))
 
 
 class _Watched:
@@ -227,13 +239,19 @@ class _Watched:
         return shards
 
 
-def _plan_complete(layout: Layout, manifest: dict, shards: list[Shard], node: Node) -> None:
+def _plan_complete(layout: Layout, manifest: dict, shards: list[Shard], node: Node,
+                   skipped: int | None) -> None:
     """Record the finished plan in the manifest: the shards the stream gave, which are the plan
-    files on disk, from 0 without a gap."""
+    files on disk, from 0 without a gap; and the files a walk skipped for their type (None:
+    no walk this run, the recorded count stands)."""
     if [s.index for s in shards] != list(range(len(shards))):
         raise ImgfeatError("the plan's shards are not numbered 0..N-1; this is a bug in imgfeat")
     plan = {"complete": True, "items": sum(s.count for s in shards),
             "shards": [s.count for s in shards]}
+    if skipped is None:
+        skipped = manifest["plan"].get("skipped", 0)
+    if skipped:
+        plan["skipped"] = skipped
     if manifest["plan"] == plan:
         return
     manifest["plan"] = plan
@@ -254,6 +272,8 @@ def _finish(layout: Layout, manifest: dict, node: Node, reporter: Reporter,
     if complete:
         _build_features_file(layout, manifest)
     _summarise(layout, node, reporter, outcome, complete, len(missing))
+    if skipped := manifest["plan"].get("skipped"):
+        reporter.summary(f"skipped: {skipped:,} files of other types")
     if outcome.failed:
         reasons = "; ".join(f"shard {i}: {why}" for i, why in sorted(outcome.failed.items()))
         raise RunIncomplete(f"{len(outcome.failed)} shard(s) failed ({reasons}); committed "

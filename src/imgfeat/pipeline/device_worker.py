@@ -61,7 +61,8 @@ class DeviceWorker:
         self.pipeline = ShardPipeline(self.extractor, self.layout, batch_size=batch_size,
                              threads=threads, max_pixels=opts.max_pixels,
                              profile=opts.profile, yield_to_model=shares_cores,
-                             decode=decode)
+                             decode=decode,
+                             storage_options=getattr(opts, "storage_options", None))
 
     def identity(self) -> dict:
         return self.extractor.identity()
@@ -92,5 +93,5 @@ class DeviceWorker:
 
 def _with_exclusions(items: list[Item], excluded) -> list[Item]:
     for position, reason in excluded:
-        items[position] = Item(items[position].key, None, reason)
+        items[position] = items[position].failed(reason)
     return items

@@ -28,8 +28,7 @@ class Shard:
 
 
 def write_shard_items(layout: Layout, index: int, items: list[Item]) -> None:
-    lines = [json.dumps([i.key, i.path] if i.error is None else [i.key, i.path, i.error])
-             for i in items]
+    lines = [json.dumps(item.to_json()) for item in items]
     write_atomic(layout.plan_file(index), ("\n".join(lines) + "\n").encode())
 
 
@@ -38,7 +37,7 @@ def read_shard_items(layout: Layout, index: int) -> list[Item]:
         text = layout.plan_file(index).read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"plan of shard {index} is unreadable: {exc}") from None
-    return [Item(*json.loads(line)) for line in text.splitlines() if line]
+    return [Item.from_json(json.loads(line)) for line in text.splitlines() if line]
 
 
 def recorded_shards(layout: Layout) -> list[Shard]:
@@ -75,7 +74,7 @@ def plan_shards(
         while batch := list(islice(stream, shard_size)):
             fresh = index.add_new([item.key for item in batch])
             batch = [item if new or item.error else
-                     Item(item.key, None, "duplicate key: an earlier item has the same key")
+                     item.failed("duplicate key: an earlier item has the same key")
                      for item, new in zip(batch, fresh)]
             write_shard_items(layout, number, batch)
             index.commit()  # after the plan file: a crash in between re-adds on resume

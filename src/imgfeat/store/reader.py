@@ -129,6 +129,24 @@ class Store:
         return [k for i in self.shards for k in self._shard(i)["keys"].asstr()[:]]
 
     @cached_property
+    def meta_names(self) -> list[str]:
+        """Names of the text carried with rows (caption, json, a table's meta columns)."""
+        names: set[str] = set()
+        for i in self.shards:
+            names.update(self._shard(i).get("meta", {}).keys())
+        return sorted(names)
+
+    def metadata(self, name: str) -> list[str]:
+        """The text `name` of every row, in row order ('' where a row has none)."""
+        found: list[str] = []
+        for i in self.shards:
+            shard = self._shard(i)
+            column = shard.get("meta", {}).get(name)
+            found.extend(column.asstr()[:] if column is not None
+                         else [""] * shard["keys"].shape[0])
+        return found
+
+    @cached_property
     def errors(self) -> list[tuple[str, str]]:
         found = []
         for i in self.shards:

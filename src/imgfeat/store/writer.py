@@ -31,6 +31,7 @@ class ShardWriter:
         self.keys: list[str] = []
         self.error_keys: list[str] = []
         self.error_reasons: list[str] = []
+        self._meta: dict[str, dict[str, str]] = {}  # key: its text (caption, json, ...)
 
     def add_rows(self, keys: list[str], features: dict[str, np.ndarray]) -> None:
         start = len(self.keys)
@@ -38,6 +39,10 @@ class ShardWriter:
             dataset.resize(start + len(keys), axis=0)
             dataset[start:] = features[layer]
         self.keys.extend(keys)
+
+    def note_meta(self, key: str, meta: dict[str, str]) -> None:
+        """Text that goes with the row of `key` (written at commit, beside the keys)."""
+        self._meta[key] = meta
 
     def add_error(self, key: str, reason: str) -> None:
         self.error_keys.append(key)
@@ -48,8 +53,20 @@ class ShardWriter:
         errors = self._file.create_group("errors")
         errors.create_dataset("keys", data=self.error_keys, dtype=STRING)
         errors.create_dataset("reasons", data=self.error_reasons, dtype=STRING)
+        self._write_meta()
         self._file.close()
         commit(self.temp, self.final)
+
+    def _write_meta(self) -> None:
+        """`meta/<name>`: one string per row, in row order ('' where a row has none)."""
+        kept = [self._meta.get(key, {}) for key in self.keys]
+        names = sorted({name for meta in kept for name in meta})
+        if not names:
+            return
+        group = self._file.create_group("meta")
+        for name in names:
+            group.create_dataset(name, data=[meta.get(name, "") for meta in kept],
+                                 dtype=STRING)
 
     def discard(self) -> None:
         if self._file.id.valid:
