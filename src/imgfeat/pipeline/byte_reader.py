@@ -11,6 +11,7 @@ row group's column, kept while the shard walks through that row group.
 from __future__ import annotations
 
 import gzip
+import os
 import threading
 from collections import OrderedDict
 
@@ -64,10 +65,12 @@ class ByteReader:
     def _cell(self, location: str, column: str, group: int, row: int) -> bytes:
         cells = self._cached(self._groups, (location, column, group),
                              lambda: _RowGroup(location, column, group, self._options))
-        data = cells.get(row)
-        if data is None:
-            raise ImageError(f"empty cell: no image bytes in column '{column}'")
-        return data
+        data, path = cells.get(row)
+        if data is not None:
+            return data
+        if path:  # Hugging Face keeps only the path of an image that was a local file
+            return storage.read_bytes(_beside(location, path), self._options)
+        raise ImageError(f"empty cell: no image bytes in column '{column}'")
 
     def _cached(self, cache: OrderedDict, key, make):
         with self._lock:
@@ -78,6 +81,15 @@ class ByteReader:
                     cache.popitem(last=False)[1].close()
             cache.move_to_end(key)
             return found
+
+
+def _beside(table: str, path: str) -> str:
+    """A path found in a table: relative ones are relative to the table's folder."""
+    if storage.is_url(path) or os.path.isabs(path):
+        return path
+    if storage.is_url(table):
+        return storage.join(storage.parent(table), path)
+    return os.path.join(os.path.dirname(table), path)
 
 
 def _what(item: Item) -> str:
@@ -152,12 +164,18 @@ class _RowGroup:
         with handle:
             cells = pq.ParquetFile(handle).read_row_group(group, columns=[column])
         values = cells.column(0).combine_chunks()
+        self._paths = None
         if pa.types.is_struct(values.type):  # Hugging Face's {bytes, path}; flatten keeps
-            values = values.flatten()[values.type.get_field_index("bytes")]  # null rows null
+            fields = values.flatten()         # a null struct's fields null
+            if (at := values.type.get_field_index("path")) >= 0:
+                self._paths = fields[at]
+            values = fields[values.type.get_field_index("bytes")]
         self._values = values
 
-    def get(self, row: int) -> bytes | None:
-        return self._values[row].as_py()
+    def get(self, row: int) -> tuple[bytes | None, str | None]:
+        """(the cell's bytes, or its path where it has no bytes)."""
+        path = self._paths[row].as_py() if self._paths is not None else None
+        return self._values[row].as_py(), path
 
     def close(self) -> None:
         self._values = None

@@ -5,8 +5,9 @@ path up to the first dot of its base name, the rest is the member's extension (`
 `txt`, `json`, ...), and consecutive members with the same key form one sample. The item
 records where its image member's bytes are in the (uncompressed) tar, so a worker reads them
 without walking the tar again (`pipeline/byte_reader.py`); `txt` travels as `caption` and
-`json` as `json`. A tar cut off mid-way keeps the samples before the cut and records the
-sample at the cut as an error; a file that is not a tar is one error record.
+`json` as `json`. A tar cut off mid-way keeps the samples before the cut: one cut inside a
+member records that member's sample as an error; one cut at a header (where nothing says what
+followed) records the tar itself as an error. A file that is not a tar is one error record.
 """
 
 from __future__ import annotations
@@ -93,11 +94,16 @@ def _samples(tar: tarfile.TarFile, location: str, name: str) -> Iterator[Item]:
             if sample is not None:
                 yield _item(sample, location)
             sample = _Sample(key)
-        _add_member(sample, ext, member, tar)
-    if not _ends_whole(tar):
-        yield _cut(sample, name, "the end-of-archive marker is missing")
-    elif sample is not None:
+        try:
+            _add_member(sample, ext, member, tar)
+        except _BROKEN as exc:
+            yield _cut(sample, name, str(exc) or type(exc).__name__)
+            return
+    if sample is not None:
         yield _item(sample, location)
+    if not _ends_whole(tar):  # cut at a header: the samples read are whole, what followed lost
+        yield Item(name, None, "tar cut off: the end-of-archive marker is missing (samples "
+                               "after the cut, if any, are lost)")
 
 
 def _key_and_ext(member: tarfile.TarInfo) -> tuple[str, str] | None:
@@ -130,7 +136,8 @@ def _item(sample: _Sample, location: str) -> Item:
 
 
 def _cut(sample: _Sample | None, name: str, why: str) -> Item:
-    """The error record of a tar cut off: the sample it was in, or the tar itself."""
+    """The error record of a tar cut off inside a member: the sample it was in, or the tar
+    itself."""
     if sample is None:
         return Item(name, None, f"tar cut off before its first sample ({why})")
     return Item(sample.key, None, f"tar {name} cut off in this sample ({why})")
