@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import FAST
 from corpus import photo_paths
+from producers import RUN, hf_parquet, write_tars
 
 import imgfeat
 from imgfeat.cli import main
@@ -21,43 +22,13 @@ from imgfeat.sources import check_sources, iter_items
 from imgfeat.sources.stream import SourceOptions, Tally
 from imgfeat.sources.tables import TableOptions
 
-RUN = [*FAST, "--dtype", "float32", "--shard-size", "4"]
-
-
-def write_tars(folder, groups, gz=False):
-    """Tars by webdataset's own writer: jpg/png, txt caption, json per sample."""
-    import webdataset as wds
-
-    names = []
-    for number, paths in enumerate(groups):
-        name = folder / f"shard-{number:02d}.{'tgz' if gz else 'tar'}"
-        with wds.TarWriter(str(name), compress=gz) as writer:
-            for path in paths:
-                writer.write({"__key__": path.stem, path.suffix[1:]: path.read_bytes(),
-                              "txt": f"a photo of {path.stem}", "json": {"name": path.name}})
-        names.append(name)
-    return names
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The photos as a folder, and the features imgfeat extracts from it."""
-    root = tmp_path_factory.mktemp("collections")
-    folder = root / "photos"
-    folder.mkdir()
-    for path in photo_paths():
-        (folder / path.name).write_bytes(path.read_bytes())
-    assert main(["extract", str(folder), "-o", str(root / "ref"), *RUN]) == 0
-    store = imgfeat.open_store(root / "ref")
-    return root, {key: store[key] for key in store.keys}
-
 
 def by_stem(features):
     return {key.rsplit(".", 1)[0]: value for key, value in features.items()}
 
 
-def test_tars_by_brace_pattern_equal_the_folder(reference, tmp_path):
-    root, features = reference
+def test_tars_by_brace_pattern_equal_the_folder(photo_reference, tmp_path):
+    root, features = photo_reference
     paths = photo_paths()
     write_tars(tmp_path, [paths[:4], paths[4:]])
     out = tmp_path / "out"
@@ -76,8 +47,8 @@ def test_tars_by_brace_pattern_equal_the_folder(reference, tmp_path):
     assert json.loads(meta["json"][0]) == {"name": paths[0].name}
 
 
-def test_hostile_tars_are_error_records_and_the_rest_rows(reference, tmp_path):
-    root, features = reference
+def test_hostile_tars_are_error_records_and_the_rest_rows(photo_reference, tmp_path):
+    root, features = photo_reference
     paths = photo_paths()[:3]
     [tgz] = write_tars(tmp_path, [paths], gz=True)
     plain = write_tars(tmp_path, [paths])[0]
@@ -126,25 +97,8 @@ def test_brace_pattern_matching_nothing_is_one_line(tmp_path):
         check_sources([str(tmp_path / "x-{0..3}.tar")])
 
 
-def hf_parquet(path, paths, embed=True, null_at=None):
-    """A table by Hugging Face datasets' Image feature: bytes embedded, or paths only."""
-    import datasets
-
-    images = [{"bytes": p.read_bytes() if embed else None, "path": p.name if embed else str(p)}
-              for p in paths]
-    if null_at is not None:
-        images[null_at] = None
-    table = datasets.Dataset.from_dict(
-        {"image": images, "name": [p.name for p in paths],
-         "caption": [p.stem for p in paths]},
-        features=datasets.Features({"image": datasets.Image(), "name": datasets.Value("string"),
-                                    "caption": datasets.Value("string")}))
-    table.to_parquet(str(path))
-    return path
-
-
-def test_tables_by_datasets_and_pandas_equal_the_folder(reference, tmp_path):
-    root, features = reference
+def test_tables_by_datasets_and_pandas_equal_the_folder(photo_reference, tmp_path):
+    root, features = photo_reference
     paths = photo_paths()
     hf_parquet(tmp_path / "hf.parquet", paths, null_at=2)
     hf_parquet(tmp_path / "hfpaths.parquet", paths[:3], embed=False)
