@@ -24,11 +24,13 @@ def extract(sources, out, **options):
     return _extract(sources, out, **options)
 
 
-def open_store(path: str | os.PathLike):
-    """Open an output folder as one table of keys, features and errors."""
+def open_store(path: str | os.PathLike, storage_options: dict | None = None):
+    """Open an output folder (or an fsspec URL, s3://..., with its `storage_options`) as one
+    table of keys, features and errors."""
     from imgfeat.store.reader import Store
+    from imgfeat.store.remote import open_for_reading
 
-    return Store(path)
+    return Store(open_for_reading(path, storage_options))
 
 
 def __getattr__(name: str):

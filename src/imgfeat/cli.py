@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(commands)
     info = commands.add_parser("info", help="counts, feature shape, model, errors by reason")
     info.add_argument("out", metavar="OUT")
+    _add_storage_options(info)
     info.set_defaults(handler=run_info)
     _add_export(commands)
     whiten = commands.add_parser(
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     whiten.set_defaults(handler=run_whiten)
     verify = commands.add_parser("verify", help="check every shard against the manifest and plan")
     verify.add_argument("out", metavar="OUT")
+    _add_storage_options(verify)
     verify.set_defaults(handler=run_verify)
     finalize = commands.add_parser(
         "finalize", help="write features.h5 of a store whose shards are all committed")
@@ -91,9 +93,7 @@ def _add_extract(commands) -> None:
                    "(.tar, .tar.gz, .tgz; brace patterns 'data/{00000..00099}.tar'), table "
                    "(.parquet, .csv, .jsonl), or image file; local or an fsspec URL (s3://...)")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
-    p.add_argument("--storage-options", type=_json_object, metavar="JSON",
-                   help="fsspec storage options for sources and output, e.g. "
-                   "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
+    _add_storage_options(p)
     t = p.add_argument_group("tables")
     t.add_argument("--image-column", help="column of image paths or bytes (default: the first "
                    "of image, image_path, path, file, filepath, filename)")
@@ -174,6 +174,19 @@ def _add_extract(commands) -> None:
     p.set_defaults(handler=run_extract)
 
 
+def _add_storage_options(parser) -> None:
+    parser.add_argument("--storage-options", type=_json_object, metavar="JSON",
+                        help="fsspec storage options for URLs (s3://...) of sources and "
+                        "output, e.g. '{\"client_kwargs\": {\"endpoint_url\": "
+                        "\"http://127.0.0.1:9000\"}}'")
+
+
+def _open_store(args: argparse.Namespace):
+    from imgfeat import open_store
+
+    return open_store(args.out, getattr(args, "storage_options", None))
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -195,6 +208,7 @@ def _add_export(commands) -> None:
         "(clip-retrieval's layout, read by embedding-reader and autofaiss); parquet: DEST/ "
         "with key + embedding columns; h5: one self-contained HDF5 file.")
     p.add_argument("out", metavar="OUT", help="the store to export")
+    _add_storage_options(p)
     p.add_argument("--to", required=True, choices=("npy", "parquet", "h5"))
     p.add_argument("dest", metavar="DEST", help="folder (npy, parquet) or file (h5)")
     p.add_argument("--rows-per-file", type=int, default=1_000_000)
@@ -210,9 +224,8 @@ def _add_export(commands) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from imgfeat.store.export import export
-    from imgfeat.store.reader import Store
 
-    with Store(args.out) as store:
+    with _open_store(args) as store:
         export(store, args.to, args.dest, rows_per_file=args.rows_per_file, dtype=args.dtype,
                compression=args.compression, overwrite=args.overwrite,
                progress="none" if args.quiet else "auto", layer=args.layer)
@@ -245,10 +258,9 @@ def run_whiten(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from imgfeat.store.reader import Store
     from imgfeat.store.verify import verify
 
-    with Store(args.out) as store:
+    with _open_store(args) as store:
         problems = verify(store)
         if problems:
             for problem in problems:
@@ -280,9 +292,8 @@ def run_finalize(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from imgfeat.store.reader import Store
 
-    with Store(args.out) as store:
+    with _open_store(args) as store:
         print(describe(store))
     return 0
 

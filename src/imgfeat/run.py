@@ -30,6 +30,7 @@ from imgfeat.store.manifest import (
     write_manifest,
 )
 from imgfeat.store.reader import Store
+from imgfeat.store.remote import open_for_reading, open_layout
 from imgfeat.store.run_lock import RunLock
 from imgfeat.store.storage import is_url
 from imgfeat.store.virtual import build_virtual_file
@@ -57,7 +58,7 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
     node = Node.of(opts)
     if node.count > 1 and opts.incremental:
         raise UsageError("--incremental runs on one node; drop --num-nodes for it")
-    layout = Layout(Path(out).resolve())
+    layout = open_layout(out, opts.storage_options)
     _check_folder(layout, opts, node)
     lock = RunLock(layout, node.rank)
     try:
@@ -67,13 +68,13 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
         _finish(layout, manifest, node, reporter, outcome)
     finally:
         lock.release()
-    return Store(out)
+    return Store(open_for_reading(out, opts.storage_options))
 
 
 def _run(layout: Layout, sources: list[str], opts: ExtractOptions, node: Node,
          lock: RunLock) -> tuple[dict, Outcome, Reporter]:
     """Start the workers, open the store under the run lock, and extract every shard."""
-    engine = _engine(opts, str(layout.root))
+    engine = _engine(opts, layout.location)
     reporter = Reporter(opts.progress)
     finished = False
     try:
@@ -111,6 +112,12 @@ def _open_locked(layout: Layout, identity: dict, opts: ExtractOptions, node: Nod
 
 def _check_folder(layout: Layout, opts: ExtractOptions, node: Node) -> None:
     """Refuse an output folder that is not ours to write, before writing anything in it."""
+    if layout.remote is not None:
+        if node.rank == 0 and not opts.overwrite and not layout.manifest.exists() \
+                and layout.remote.holds_foreign():
+            raise UsageError(f"output {layout.location} is not empty and holds no imgfeat "
+                             "store; choose a new or empty prefix")
+        return
     if layout.root.exists() and not layout.root.is_dir():
         raise UsageError(f"output {layout.root} exists and is not a folder")
     if node.rank == 0 and not opts.overwrite and not layout.manifest.exists() \
@@ -269,7 +276,7 @@ def _finish(layout: Layout, manifest: dict, node: Node, reporter: Reporter,
         raise RunIncomplete(f"shards {', '.join(map(str, lost[:10]))} were planned but not "
                             "extracted; committed shards are kept: run the same command again")
     complete = not missing and layout.planned() == set(range(planned))
-    if complete:
+    if complete and layout.remote is None:  # elsewhere, readers stitch the shards themselves
         _build_features_file(layout, manifest)
     _summarise(layout, node, reporter, outcome, complete, len(missing))
     if skipped := manifest["plan"].get("skipped"):
@@ -299,7 +306,7 @@ def _summarise(layout: Layout, node: Node, reporter: Reporter, outcome: Outcome,
     elapsed = reporter.elapsed()
     before = f", {reporter.already_done:,} done before" if reporter.already_done else ""
     counts = (f"{done:,} images in {elapsed:.1f}s ({done / max(elapsed, 1e-9):,.1f} img/s): "
-              f"{reporter.rows:,} rows, {reporter.errors:,} errors{before} -> {layout.root}")
+              f"{reporter.rows:,} rows, {reporter.errors:,} errors{before} -> {layout.location}")
     if complete and not outcome.failed:
         reporter.summary(f"done: {counts}")
     elif outcome.failed:

@@ -33,6 +33,9 @@ def write_shard_items(layout: Layout, index: int, items: list[Item]) -> None:
 
 
 def read_shard_items(layout: Layout, index: int) -> list[Item]:
+    plan_file = layout.plan_file(index)
+    if layout.remote is not None and not plan_file.exists():  # a worker on another machine
+        layout.remote.fetch(f"plan/{plan_file.name}", plan_file)
     try:
         text = layout.plan_file(index).read_text(encoding="utf-8")
     except OSError as exc:
@@ -60,11 +63,13 @@ def plan_shards(
     and are skipped. With it (incremental runs), items whose key is already planned are
     skipped wherever they are, and only new keys make new shards.
     """
+    rebuild = bool(already) and not layout.key_index.exists()  # a fresh staging folder
     index = KeyIndex(layout.key_index)
     try:
         stream = iter(items)
-        if already:  # a crash between a plan file and its key commit left keys out
-            index.add_new([item.key for item in read_shard_items(layout, already[-1].index)])
+        for shard in (already if rebuild else already[-1:]):  # also: a crash between a plan
+            index.add_new([item.key for item in read_shard_items(layout, shard.index)])  # file
+        # and its key commit left keys out
         if skip_known:
             stream = (item for item in stream if not index.contains(item.key))
         else:
