@@ -162,3 +162,36 @@ def test_other_files_are_counted(tmp_path):
     tally = Tally()
     assert len(list(iter_items([str(tmp_path)], tally=tally))) == 2
     assert tally.skipped == 2
+
+
+def heic_bytes():
+    import pillow_heif
+    from corpus import base_photo
+
+    pillow_heif.register_heif_opener()
+    buffer = io.BytesIO()
+    base_photo((96, 64)).save(buffer, format="HEIF", quality=95)
+    return buffer.getvalue()
+
+
+def test_heic_is_read_through_pillow_heif(tmp_path):
+    from imgfeat.pipeline import cpu_decode
+
+    image = cpu_decode.decode(heic_bytes())
+    assert image.size == (96, 64) and image.mode == "RGB"
+
+
+def test_heic_without_pillow_heif_is_a_clear_error(monkeypatch):
+    from PIL import Image
+
+    from imgfeat.errors import ImageError
+    from imgfeat.pipeline import cpu_decode
+
+    def unreadable(*args, **kwargs):
+        raise Image.UnidentifiedImageError("no plugin")
+
+    data = heic_bytes()
+    monkeypatch.setattr(cpu_decode, "_HEIF", False)
+    monkeypatch.setattr(cpu_decode.Image, "open", unreadable)
+    with pytest.raises(ImageError, match=r"HEIC/HEIF image: reading it needs pillow-heif"):
+        cpu_decode.decode(data)
