@@ -79,3 +79,19 @@ def test_incremental_and_overwrite_on_s3(s3, many, tmp_path):
                "--overwrite").returncode == 0
     store = imgfeat.open_store(out, storage_options=s3.options())
     assert len(store) == 40 and store.manifest["preprocess"]["size"] == [32, 32]
+
+
+def test_two_nodes_share_an_output_on_s3_through_the_bucket_alone(s3, many, tmp_path):
+    out = "s3://out/nodes"
+    env = {**os.environ, "IMGFEAT_TEST_FAULTS": ""}
+    args = [sys.executable, "-m", "imgfeat", "extract", str(many), "-o", out,
+            "--storage-options", json.dumps(s3.options()), *SETTINGS, "--num-nodes", "2"]
+    nodes = [subprocess.Popen([*args, "--node-rank", str(rank)], text=True,
+                              env={**env, "IMGFEAT_STAGING": str(tmp_path / f"node{rank}")},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for rank in (0, 1)]
+    results = [(node.wait(timeout=300), node.stderr.read()) for node in nodes]
+    assert [code for code, _ in results] == [0, 0], results
+    if not s3.fs().exists("out/ref/manifest.json"):
+        assert run(s3, many, "s3://out/ref", tmp_path / "ref").returncode == 0
+    same(s3, out, "s3://out/ref")

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     whiten = commands.add_parser(
         "whiten", help="learn PCA whitening from a store; write it and a whitened store")
     whiten.add_argument("out", metavar="OUT")
+    _add_storage_options(whiten)
     whiten.add_argument("--dim", type=int, required=True, help="dimensions to keep")
     whiten.add_argument("-o", "--dest", help="whitened store (default: OUT-whitened-DIM)")
     whiten.add_argument("--l2", action="store_true", help="L2-normalise whitened features")
@@ -237,10 +238,9 @@ def run_whiten(args: argparse.Namespace) -> int:
 
     from imgfeat.compute.whitening import learn
     from imgfeat.store.derive import derive_store
-    from imgfeat.store.reader import Store
 
     dest = args.dest or f"{str(args.out).rstrip('/')}-whitened-{args.dim}"
-    with Store(args.out) as store:
+    with _open_store(args) as store:
         if store.manifest.get("whiten"):
             raise UsageError(f"{args.out} is whitened already")
         layer = store._layer(args.layer)

@@ -30,7 +30,7 @@ from imgfeat.store.manifest import (
     write_manifest,
 )
 from imgfeat.store.reader import Store
-from imgfeat.store.remote import open_for_reading, open_layout
+from imgfeat.store.remote import open_for_reading, open_layout, refresh
 from imgfeat.store.run_lock import RunLock
 from imgfeat.store.storage import is_url
 from imgfeat.store.virtual import build_virtual_file
@@ -161,6 +161,7 @@ def _wait_for_manifest(layout: Layout, identity: dict, overwrite: bool) -> dict:
     """Nodes other than the first wait for the first to create (or replace) the store."""
     deadline = time.monotonic() + NODE_WAIT_S
     while True:
+        refresh(layout)
         recorded = read_manifest(layout) if layout.manifest.exists() else None
         conflicts = identity_conflicts(recorded, identity) if recorded else ["none yet"]
         if not conflicts:

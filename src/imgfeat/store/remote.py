@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from imgfeat.errors import UsageError
@@ -118,6 +119,25 @@ def pull(remote: Remote, root: Path) -> None:
             remote.fetch(f"plan/{name}", plan / name)
     for name in sorted(here - there):
         remote.publish(plan / name, f"plan/{name}")
+
+
+REFRESH_S = 1.0  # how often a node that follows another's plan asks the bucket for news
+
+
+def refresh(layout: Layout) -> None:
+    """For a node that follows another's plan on object storage: the manifest and any plan
+    files that node has uploaded since (at most once a second)."""
+    remote = layout.remote
+    if remote is None or time.monotonic() < getattr(remote, "_next_refresh", 0.0):
+        return
+    remote._next_refresh = time.monotonic() + REFRESH_S
+    remote.fetch("manifest.json", layout.manifest)
+    here = layout.planned()
+    for name in remote.names("plan"):
+        number = name[len("shard-"):-len(".jsonl")]
+        if name.startswith("shard-") and name.endswith(".jsonl") and number.isdigit() \
+                and int(number) not in here:
+            remote.fetch(f"plan/{name}", layout.plan_dir / name)
 
 
 def pull_all(remote: Remote, root: Path) -> None:
