@@ -195,3 +195,27 @@ def test_heic_without_pillow_heif_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(cpu_decode.Image, "open", unreadable)
     with pytest.raises(ImageError, match=r"HEIC/HEIF image: reading it needs pillow-heif"):
         cpu_decode.decode(data)
+
+
+def test_transient_failures_are_retried_and_others_are_not(monkeypatch):
+    from imgfeat.store import storage
+
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.0)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("503 SlowDown: Please reduce your request rate")
+        return b"ok"
+
+    assert storage.retrying(flaky) == b"ok" and len(calls) == 3
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("no such key")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        storage.retrying(missing)
+    assert len(calls) == 1

@@ -28,7 +28,8 @@ def s3(tmp_path_factory):
     for path in paths:
         fs.pipe(f"data/photos/{path.name}", path.read_bytes())
     fs.pipe("data/photos/README.md", b"not an image")
-    fs.pipe("data/lists/some.txt", "".join(f"../photos/{p.name}\n" for p in paths[:3]).encode())
+    fs.pipe("data/lists/some.txt", "".join(f"../photos/{p.name}\n" for p in paths[:3]).encode()
+            + b"../photos/gone.jpg\n")
     for tar in write_tars(local, [paths[:4], paths[4:]]):
         fs.put(str(tar), f"data/tars/{tar.name}")
     fs.put(str(hf_parquet(local / "table.parquet", paths)), "data/table.parquet")
@@ -48,7 +49,7 @@ def test_every_source_kind_on_s3_equals_the_folder(s3, photo_reference, tmp_path
                "s3://data/table.parquet"]
     assert run(sources, out, s3.options(), "--key-column", "name") == 0
     store = imgfeat.open_store(out)
-    assert not store.errors
+    assert store.errors == [("some/../photos/gone.jpg", "cannot read file: not found")]
     paths = photo_paths()
     assert len(store) == len(paths) * 3 + 3
     stems = {p.stem: p.name for p in paths}
