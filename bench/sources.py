@@ -104,6 +104,7 @@ def main() -> None:
         ("loose objects on S3 server", "s3://bench/loose", options,
          (get_ceiling, [f"bench/loose/{p.name}" for p in files], False)),
         ("parquet of bytes (local)", str(table), [], None),
+        ("local folder, again", str(folder), [], None),  # the load drifts: bracket the lines
     ]
     rows = []
     for name, source, extra, ceiling in lines:
@@ -117,7 +118,7 @@ def main() -> None:
         print(f"{name}: {rate:.1f} images/s" + (f", GET ceiling {limit:.1f}" if limit else ""),
               flush=True)
     server.stop()
-    local = rows[0][1]
+    local = max(rows[0][1], rows[-1][1])  # the faster of the two: the stricter target
     table_lines = ["| source | imgfeat images/s | read ceiling images/s | target min(local, "
                    "ceiling) | imgfeat / target |", "|---|---|---|---|---|"]
     for name, rate, limit in rows:
@@ -127,6 +128,7 @@ def main() -> None:
     body = (f"Machine: {machine()}; commit {commit()}; load average {load_before:.1f} at the "
             f"start, {os.getloadavg()[0]:.1f} at the end; {args.count} JPEGs of about 500x375 "
             f"(quality 90), tars of {args.per_tar}; {' '.join(MODEL)}, random weights, "
+            f"the local folder measured first and last (target: the faster of the two); "
             f"default devices; whole processes, start-up included; the S3 server is moto's on "
             f"127.0.0.1 in the benchmark's process, its ceiling a plain GET loop at "
             f"{IN_FLIGHT} in flight (imgfeat's reads in flight per worker).\n\n"
