@@ -29,8 +29,12 @@ def open_store(path: str | os.PathLike, storage_options: dict | None = None):
     table of keys, features and errors."""
     from imgfeat.store.reader import Store
     from imgfeat.store.remote import open_for_reading
+    from imgfeat.store.storage import is_url
 
-    return Store(open_for_reading(path, storage_options))
+    store = Store(open_for_reading(path, storage_options))
+    if is_url(str(path)):
+        store.location = str(path)  # read from a local copy: name the URL
+    return store
 
 
 def __getattr__(name: str):

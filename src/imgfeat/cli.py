@@ -304,7 +304,7 @@ def describe(store) -> str:
     m = store.manifest
     planned = store.planned_shards
     lines = [
-        f"store      {store.layout.root}",
+        f"store      {getattr(store, 'location', None) or store.layout.root}",
         f"model      {store.model} (weights: {m['weights'].get('path') or m['weights']['kind']})",
         f"layers     {', '.join(store.layers)}  pool={m['pool']}"
         + (f" (p={m['gem_p']})" if m.get("gem_p") else "")
