@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("IMGFEAT_TEST", "1")
 
-from corpus import copy_photos, make_mixed_corpus  # noqa: E402
+from corpus import copy_photos, make_mixed_corpus, photo_paths  # noqa: E402
 from runs import make_many  # noqa: E402
 
 
@@ -45,3 +45,22 @@ def photos(tmp_path_factory) -> Path:
 def many(tmp_path_factory) -> Path:
     """40 distinct JPEGs in two sub-folders, for runs of several shards."""
     return make_many(tmp_path_factory.mktemp("many"), 40)
+
+
+@pytest.fixture(scope="session")
+def photo_reference(tmp_path_factory):
+    """The real photos as a folder, and the features a fast run extracts from it: what tars,
+    tables and object storage holding the same photos must give, bitwise."""
+    from producers import RUN
+
+    import imgfeat
+    from imgfeat.cli import main
+
+    root = tmp_path_factory.mktemp("collections")
+    folder = root / "photos"
+    folder.mkdir()
+    for path in photo_paths():
+        (folder / path.name).write_bytes(path.read_bytes())
+    assert main(["extract", str(folder), "-o", str(root / "ref"), *RUN]) == 0
+    store = imgfeat.open_store(root / "ref")
+    return root, {key: store[key] for key in store.keys}

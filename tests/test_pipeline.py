@@ -24,7 +24,7 @@ def test_extraction_starts_before_the_listing_ends(tmp_path, monkeypatch):
     photos = photo_paths()
     first_shard = out / "shards" / "shard-000000.h5"
 
-    def slow_listing(sources, after=None):
+    def slow_listing(sources, *_, **__):  # (sources, source options, tally, after)
         for path in photos[:2]:
             yield Item(path.name, str(path))
         deadline = time.monotonic() + 60

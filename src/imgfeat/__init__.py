@@ -24,11 +24,17 @@ def extract(sources, out, **options):
     return _extract(sources, out, **options)
 
 
-def open_store(path: str | os.PathLike):
-    """Open an output folder as one table of keys, features and errors."""
+def open_store(path: str | os.PathLike, storage_options: dict | None = None):
+    """Open an output folder (or an fsspec URL, s3://..., with its `storage_options`) as one
+    table of keys, features and errors."""
     from imgfeat.store.reader import Store
+    from imgfeat.store.remote import open_for_reading
+    from imgfeat.store.storage import is_url
 
-    return Store(path)
+    store = Store(open_for_reading(path, storage_options))
+    if is_url(str(path)):
+        store.location = str(path)  # read from a local copy: name the URL
+    return store
 
 
 def __getattr__(name: str):

@@ -5,6 +5,7 @@ non-zero exit, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections import Counter
@@ -59,11 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(commands)
     info = commands.add_parser("info", help="counts, feature shape, model, errors by reason")
     info.add_argument("out", metavar="OUT")
+    _add_storage_options(info)
     info.set_defaults(handler=run_info)
     _add_export(commands)
     whiten = commands.add_parser(
         "whiten", help="learn PCA whitening from a store; write it and a whitened store")
     whiten.add_argument("out", metavar="OUT")
+    _add_storage_options(whiten)
     whiten.add_argument("--dim", type=int, required=True, help="dimensions to keep")
     whiten.add_argument("-o", "--dest", help="whitened store (default: OUT-whitened-DIM)")
     whiten.add_argument("--l2", action="store_true", help="L2-normalise whitened features")
@@ -74,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     whiten.set_defaults(handler=run_whiten)
     verify = commands.add_parser("verify", help="check every shard against the manifest and plan")
     verify.add_argument("out", metavar="OUT")
+    _add_storage_options(verify)
     verify.set_defaults(handler=run_verify)
     finalize = commands.add_parser(
         "finalize", help="write features.h5 of a store whose shards are all committed")
@@ -192,8 +196,18 @@ def _add_extract(commands) -> None:
     p = commands.add_parser("extract", help="extract features of images into a store",
                             description="Extract features of every image in SOURCE... into OUT.")
     p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="folder of images (recursive), list file of paths, or image file")
+                   help="folder of images (recursive), list file of paths, webdataset tar "
+                   "(.tar, .tar.gz, .tgz; brace patterns 'data/{00000..00099}.tar'), table "
+                   "(.parquet, .csv, .jsonl), or image file; local or an fsspec URL (s3://...)")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
+    _add_storage_options(p)
+    t = p.add_argument_group("tables")
+    t.add_argument("--image-column", help="column of image paths or bytes (default: the first "
+                   "of image, image_path, path, file, filepath, filename)")
+    t.add_argument("--key-column", help="column of keys (default: the path, or "
+                   "<table>/<row> for bytes)")
+    t.add_argument("--meta-columns", type=_names, default=(), metavar="A,B",
+                   help="columns carried as metadata into the store and the npy export")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"{', '.join(MODEL_KINDS)} (default {DEFAULT_MODEL})")
@@ -267,6 +281,33 @@ def _add_extract(commands) -> None:
     p.set_defaults(handler=run_extract)
 
 
+def _add_storage_options(parser) -> None:
+    parser.add_argument("--storage-options", type=_json_object, metavar="JSON",
+                        help="fsspec storage options for URLs (s3://...) of sources and "
+                        "output, e.g. '{\"client_kwargs\": {\"endpoint_url\": "
+                        "\"http://127.0.0.1:9000\"}}'")
+
+
+def _open_store(args: argparse.Namespace):
+    from imgfeat import open_store
+
+    return open_store(args.out, getattr(args, "storage_options", None))
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def _add_export(commands) -> None:
     p = commands.add_parser(
         "export", help="write a store as npy (+parquet metadata), parquet, or one h5 file",
@@ -274,6 +315,7 @@ def _add_export(commands) -> None:
         "(clip-retrieval's layout, read by embedding-reader and autofaiss); parquet: DEST/ "
         "with key + embedding columns; h5: one self-contained HDF5 file.")
     p.add_argument("out", metavar="OUT", help="the store to export")
+    _add_storage_options(p)
     p.add_argument("--to", required=True, choices=("npy", "parquet", "h5"))
     p.add_argument("dest", metavar="DEST", help="folder (npy, parquet) or file (h5)")
     p.add_argument("--rows-per-file", type=int, default=1_000_000)
@@ -289,9 +331,8 @@ def _add_export(commands) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from imgfeat.store.export import export
-    from imgfeat.store.reader import Store
 
-    with Store(args.out) as store:
+    with _open_store(args) as store:
         export(store, args.to, args.dest, rows_per_file=args.rows_per_file, dtype=args.dtype,
                compression=args.compression, overwrite=args.overwrite,
                progress="none" if args.quiet else "auto", layer=args.layer)
@@ -301,10 +342,9 @@ def run_export(args: argparse.Namespace) -> int:
 def run_whiten(args: argparse.Namespace) -> int:
     from imgfeat.compute.whitening import learn_batches
     from imgfeat.store.derive import derive_store
-    from imgfeat.store.reader import Store
 
     dest = args.dest or f"{str(args.out).rstrip('/')}-whitened-{args.dim}"
-    with Store(args.out) as store:
+    with _open_store(args) as store:
         if store.manifest.get("whiten"):
             raise UsageError(f"{args.out} is whitened already")
         layer = store._layer(args.layer)
@@ -338,10 +378,9 @@ def _learning_batches(store, layer: str, sample: int | None):
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from imgfeat.store.reader import Store
     from imgfeat.store.verify import verify
 
-    with Store(args.out) as store:
+    with _open_store(args) as store:
         problems = verify(store)
         if problems:
             for problem in problems:
@@ -373,9 +412,8 @@ def run_finalize(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from imgfeat.store.reader import Store
 
-    with Store(args.out) as store:
+    with _open_store(args) as store:
         print(describe(store))
     return 0
 
@@ -386,7 +424,7 @@ def describe(store) -> str:
     m = store.manifest
     planned = store.planned_shards
     lines = [
-        f"store      {store.layout.root}",
+        f"store      {getattr(store, 'location', None) or store.layout.root}",
         f"model      {store.model} (weights: {m['weights'].get('path') or m['weights']['kind']})",
         f"layers     {', '.join(store.layers)}  pool={m['pool']}"
         + (f" (p={m['gem_p']})" if m.get("gem_p") else "")
@@ -404,6 +442,8 @@ def describe(store) -> str:
         f"shards     {len(store.shards)} committed of "
         f"{planned if planned is not None else '? (plan not finished)'}",
     ]
+    if skipped := m["plan"].get("skipped"):
+        lines.append(f"skipped    {skipped:,} files of other types")
     for problem in store.plan_problems:
         lines.append(f"plan       {problem}: run the same extract command again to repair it")
     if store.complete and not store.layout.features.exists():

@@ -70,6 +70,10 @@ class ExtractOptions:
     node_rank: int | None = None
     engine: str = "local"
     ray_address: str = "auto"
+    storage_options: dict | None = None  # fsspec's, for sources and output (e.g. endpoint_url)
+    image_column: str | None = None  # tables: the column of paths or image bytes
+    key_column: str | None = None
+    meta_columns: tuple[str, ...] = ()
     progress: str = "auto"  # auto | bar | lines | none
     profile: bool = False
 
@@ -103,5 +107,8 @@ class ExtractOptions:
             raise UsageError(f"--scales must be factors in (0, 4], got {self.scales}")
         if len(self.scales) > 1 and self.pool == "none":
             raise UsageError("--scales combines vectors: choose a --pool other than none")
+        if self.storage_options is not None and not isinstance(self.storage_options, dict):
+            raise UsageError("--storage-options must be a JSON object, e.g. "
+                             '\'{"endpoint_url": "http://127.0.0.1:9000"}\'')
         if self.overwrite and self.incremental:
             raise UsageError("--overwrite and --incremental contradict each other")

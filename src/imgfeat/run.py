@@ -20,7 +20,8 @@ from imgfeat.plan.shards import Shard, last_planned_key, plan_shards, recorded_s
 from imgfeat.report.progress import Reporter
 from imgfeat.report.stage_times import StageTimes
 from imgfeat.sources import check_sources, iter_items
-from imgfeat.sources.stream import can_resume_after
+from imgfeat.sources.stream import SourceOptions, Tally, can_resume_after
+from imgfeat.sources.tables import TableOptions
 from imgfeat.store.layout import TEMP_MARK, Layout, remove_temps_of
 from imgfeat.store.lease import STALE_S, live_holders
 from imgfeat.store.manifest import (
@@ -31,7 +32,9 @@ from imgfeat.store.manifest import (
     write_manifest,
 )
 from imgfeat.store.reader import Store
+from imgfeat.store.remote import open_for_reading, open_layout, refresh
 from imgfeat.store.run_lock import RunLock
+from imgfeat.store.storage import is_url
 from imgfeat.store.virtual import build_virtual_file
 
 NODE_WAIT_S = float(os.environ.get("IMGFEAT_NODE_WAIT_S", "600"))
@@ -55,11 +58,12 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
         raise UsageError(f"unknown option(s): {', '.join(sorted(unknown))}")
     opts = ExtractOptions(**options)
     opts.check()
-    sources = check_sources([sources] if isinstance(sources, (str, Path)) else sources)
+    sources = check_sources([sources] if isinstance(sources, (str, Path)) else sources,
+                            source_options(opts))
     node = Node.of(opts)
     if node.count > 1 and opts.incremental:
         raise UsageError("--incremental runs on one node; drop --num-nodes for it")
-    layout = Layout(Path(out).resolve())
+    layout = open_layout(out, opts.storage_options)
     _check_folder(layout, opts, node)
     lock = RunLock(layout, node.rank, node.run)
     try:
@@ -69,17 +73,17 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
         _finish(layout, manifest, node, reporter, outcome)
     finally:
         lock.release()
-    return Store(out)
+    return Store(open_for_reading(out, opts.storage_options))
 
 
 def _run(layout: Layout, sources: list[str], opts: ExtractOptions, node: Node,
          lock: RunLock) -> tuple[dict, Outcome, Reporter]:
     """Start the workers, open the store under the run lock, and extract every shard."""
-    engine = _engine(opts, str(layout.root))
+    engine = _engine(opts, layout.location)
     reporter = Reporter(opts.progress, log=layout.log)
     finished = False
     try:
-        identity = {"sources": [str(Path(s).resolve()) for s in sources],
+        identity = {"sources": [s if is_url(s) else str(Path(s).resolve()) for s in sources],
                     **engine.start(), "shard_size": opts.shard_size}
         manifest = _open_locked(layout, identity, opts, node, lock)
         reporter.append_log(f"start: run {node.run}, node {node.rank} of {node.count}, "
@@ -122,6 +126,12 @@ def _open_locked(layout: Layout, identity: dict, opts: ExtractOptions, node: Nod
 
 def _check_folder(layout: Layout, opts: ExtractOptions, node: Node) -> None:
     """Refuse an output folder that is not ours to write, before writing anything in it."""
+    if layout.remote is not None:
+        if node.rank == 0 and not opts.overwrite and not layout.manifest.exists() \
+                and layout.remote.holds_foreign():
+            raise UsageError(f"output {layout.location} is not empty and holds no imgfeat "
+                             "store; choose a new or empty prefix")
+        return
     if layout.root.exists() and not layout.root.is_dir():
         raise UsageError(f"output {layout.root} exists and is not a folder")
     if node.rank == 0 and not opts.overwrite and not layout.manifest.exists() \
@@ -167,6 +177,7 @@ def _wait_for_manifest(layout: Layout, identity: dict, overwrite: bool) -> dict:
     """Nodes other than the first wait for the first to create (or replace) the store."""
     deadline = time.monotonic() + NODE_WAIT_S
     while True:
+        refresh(layout)
         recorded = read_manifest(layout) if layout.manifest.exists() else None
         conflicts = identity_conflicts(recorded, identity) if recorded else ["none yet"]
         if not conflicts:
@@ -182,10 +193,13 @@ def _wait_for_manifest(layout: Layout, identity: dict, overwrite: bool) -> dict:
 
 def _extract(engine: LocalEngine, layout: Layout, manifest: dict, sources: list[str],
              opts: ExtractOptions, node: Node, reporter: Reporter) -> Outcome:
-    stream = _shard_stream(layout, manifest, sources, opts, node)
+    tally = Tally()
+    stream = _shard_stream(layout, manifest, sources, opts, node, tally)
+    walked = isinstance(stream, PlannerStream)
     committed = layout.committed()
     watched = _Watched(NodeSlice(stream, node.count, node.rank), committed, reporter,
-                       lambda shards: _plan_complete(layout, manifest, shards, node))
+                       lambda shards: _plan_complete(layout, manifest, shards, node,
+                                                     tally.skipped if walked else None))
     reporter.start(total=None)
     try:
         return engine.run(watched, reporter, committed)
@@ -195,7 +209,7 @@ def _extract(engine: LocalEngine, layout: Layout, manifest: dict, sources: list[
 
 
 def _shard_stream(layout: Layout, manifest: dict, sources: list[str], opts: ExtractOptions,
-                  node: Node):
+                  node: Node, tally: Tally):
     """Where the engine's shards come from. The plan files on disk are the truth: every one of
     them is scheduled (those committed are skipped by the engine), whatever the manifest's
     copy of the plan says, so a run killed at any instant of planning loses nothing."""
@@ -218,12 +232,18 @@ def _shard_stream(layout: Layout, manifest: dict, sources: list[str], opts: Extr
     layout.plan_dir.mkdir(parents=True, exist_ok=True)
     # A resumed walk starts after the last recorded key: what the plan holds is not walked
     # again (an incremental walk must see every key, old ones included).
+    options = source_options(opts)
     after = None if incremental else last_planned_key(layout, recorded)
-    if after is not None and not can_resume_after(sources, after):
+    if after is not None and not can_resume_after(sources, after, options):
         after = None
-    planner = plan_shards(iter_items(sources, after), layout, opts.shard_size, recorded,
-                          skip_known=incremental, seeked=after is not None)
+    planner = plan_shards(iter_items(sources, options, tally, after), layout, opts.shard_size,
+                          recorded, skip_known=incremental, seeked=after is not None)
     return PlannerStream(planner, known=recorded)
+
+
+def source_options(opts: ExtractOptions) -> SourceOptions:
+    return SourceOptions(opts.storage_options, TableOptions(
+        opts.image_column, opts.key_column, tuple(opts.meta_columns)))
 
 
 class _Watched:
@@ -249,13 +269,19 @@ class _Watched:
         return shards
 
 
-def _plan_complete(layout: Layout, manifest: dict, shards: list[Shard], node: Node) -> None:
+def _plan_complete(layout: Layout, manifest: dict, shards: list[Shard], node: Node,
+                   skipped: int | None) -> None:
     """Record the finished plan in the manifest: the shards the stream gave, which are the plan
-    files on disk, from 0 without a gap."""
+    files on disk, from 0 without a gap; and the files a walk skipped for their type (None:
+    no walk this run, the recorded count stands)."""
     if [s.index for s in shards] != list(range(len(shards))):
         raise ImgfeatError("the plan's shards are not numbered 0..N-1; this is a bug in imgfeat")
     plan = {"complete": True, "items": sum(s.count for s in shards),
             "shards": [s.count for s in shards]}
+    if skipped is None:
+        skipped = manifest["plan"].get("skipped", 0)
+    if skipped:
+        plan["skipped"] = skipped
     if manifest["plan"] == plan:
         return
     manifest["plan"] = plan
@@ -275,9 +301,11 @@ def _finish(layout: Layout, manifest: dict, node: Node, reporter: Reporter,
         raise RunIncomplete(f"shards {', '.join(map(str, lost[:10]))} were planned but not "
                             "extracted; committed shards are kept: run the same command again")
     complete = not missing and layout.planned() == set(range(planned))
-    if complete:
+    if complete and layout.remote is None:  # elsewhere, readers stitch the shards themselves
         _build_features_file(layout, manifest)
     _summarise(layout, node, reporter, outcome, complete, len(missing))
+    if skipped := manifest["plan"].get("skipped"):
+        reporter.summary(f"skipped: {skipped:,} files of other types")
     if outcome.failed:
         reasons = "; ".join(f"shard {i}: {why}" for i, why in sorted(outcome.failed.items()))
         raise RunIncomplete(f"{len(outcome.failed)} shard(s) failed ({reasons}); committed "
@@ -318,7 +346,7 @@ def _summarise(layout: Layout, node: Node, reporter: Reporter, outcome: Outcome,
     elapsed = reporter.elapsed()
     before = f", {reporter.already_done:,} done before" if reporter.already_done else ""
     counts = (f"{done:,} images in {elapsed:.1f}s ({done / max(elapsed, 1e-9):,.1f} img/s): "
-              f"{reporter.rows:,} rows, {reporter.errors:,} errors{before} -> {layout.root}")
+              f"{reporter.rows:,} rows, {reporter.errors:,} errors{before} -> {layout.location}")
     if complete and not outcome.failed:
         reporter.summary(f"done: {counts}")
     elif outcome.failed:

@@ -19,7 +19,8 @@ from imgfeat.engine.worker_process import worker_process_main
 from imgfeat.errors import ImgfeatError, UsageError
 from imgfeat.pipeline.device_worker import Task
 from imgfeat.report.progress import Reporter
-from imgfeat.store.layout import Layout, remove_temps_of
+from imgfeat.store.layout import remove_temps_of
+from imgfeat.store.remote import open_layout
 
 MAX_START_FAILURES = 3  # deaths of one device's worker before it is ready
 POLL_S = 0.1
@@ -106,7 +107,8 @@ class LocalEngine:
             if slot.process.is_alive():
                 slot.process.kill()
                 slot.process.join()
-        remove_temps_of(Layout(self._out), self._pids)
+        storage_options = getattr(self._options, "storage_options", None)
+        remove_temps_of(open_layout(self._out, storage_options, pulled=False), self._pids)
 
     # -- the run ---------------------------------------------------------------------------
 

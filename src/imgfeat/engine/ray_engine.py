@@ -9,6 +9,7 @@ when the actor's node is gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from imgfeat.engine.retry import RetryPolicy
 from imgfeat.errors import ImgfeatError, UsageError
 from imgfeat.pipeline.device_worker import Task
 from imgfeat.report.progress import Reporter
+from imgfeat.store.storage import filesystem, is_url, read_bytes, retrying
 
 INSTALL_HINT = "the Ray engine needs Ray: pip install 'imgfeat[ray]'"
 POLL_S = 0.2
@@ -37,22 +39,35 @@ def import_ray():
 
 
 class PositionFile:
-    """The position of the image a careful attempt is decoding, kept in a file on the shared
-    output folder: -1 when none."""
+    """The position of the image a careful attempt is decoding, kept in a file beside the
+    output's plan: -1 when none. On object storage (machines that share no file system) it is
+    an object; only careful attempts, one image at a time after a death, write it."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, location: str, storage_options: dict | None = None):
+        self.location, self._options = location, storage_options
 
     @property
     def value(self) -> int:
         try:
-            return int(self.path.read_text() or -1)
+            return int(read_bytes(self.location, self._options).decode() or -1)
         except (OSError, ValueError):
             return -1
 
     @value.setter
     def value(self, position: int) -> None:
-        self.path.write_text(str(position))
+        if is_url(self.location):
+            fs, path = filesystem(self.location, self._options)
+            retrying(lambda: fs.pipe_file(path, str(position).encode()))
+        else:
+            Path(self.location).write_text(str(position))
+
+    def clear(self) -> None:
+        if is_url(self.location):
+            fs, path = filesystem(self.location, self._options)
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(path)
+        else:
+            Path(self.location).unlink(missing_ok=True)
 
 
 def ray_placements(ray, devices: str, threads: int | None) -> list[Placement]:
@@ -95,6 +110,7 @@ def _actor_class(ray):
             if not placement.decode_threads:
                 placement = replace(placement, decode_threads=node_decode_threads(ray))
             self.runner = DeviceWorker(placement, opts, out)
+            self.storage_options = getattr(opts, "storage_options", None)
             self.counts = [0, 0]
 
         def identity(self) -> dict:
@@ -109,7 +125,8 @@ def _actor_class(ray):
             def progress(rows: int, errors: int) -> None:
                 self.counts = [self.counts[0] + rows, self.counts[1] + errors]
 
-            return self.runner.run(task, progress, PositionFile(Path(position_path)))
+            return self.runner.run(task, progress,
+                                   PositionFile(position_path, self.storage_options))
 
     return ImgfeatWorker
 
@@ -139,6 +156,7 @@ class RayEngine:
         self._ray = ray = import_ray()
         self._started_ray = _connect(ray, address)
         self._out = out
+        self._storage_options = getattr(opts, "storage_options", None)
         placements = placements_for(ray)
         worker = _actor_class(ray)
         self._actors = [
@@ -194,7 +212,7 @@ class RayEngine:
                 actor.reported = (0, 0)
                 position = self._position_file(actor.task.index)
                 position.value = -1
-                actor.ref = actor.handle.run.remote(actor.task, str(position.path))
+                actor.ref = actor.handle.run.remote(actor.task, position.location)
 
     def _available(self, actor: _Actor) -> bool:
         """Whether an actor can take work; a lost one is probed until Ray has restarted it."""
@@ -216,7 +234,10 @@ class RayEngine:
         return True
 
     def _position_file(self, index: int) -> PositionFile:
-        return PositionFile(Path(self._out) / "plan" / f"shard-{index:06d}.position")
+        name = f"plan/shard-{index:06d}.position"
+        if is_url(self._out):
+            return PositionFile(f"{self._out.rstrip('/')}/{name}", self._storage_options)
+        return PositionFile(str(Path(self._out) / name))
 
     def _collect(self, actor: _Actor, reporter: Reporter, waiting: deque[Task]) -> None:
         ray = self._ray
@@ -243,7 +264,7 @@ class RayEngine:
             return
         actor.alive = True
         self._report(reporter, actor, rows, errors)
-        self._position_file(task.index).path.unlink(missing_ok=True)
+        self._position_file(task.index).clear()
         if times:
             self.outcome.stage_times[actor.number] = times
         self.outcome.overflow_rows += overflow

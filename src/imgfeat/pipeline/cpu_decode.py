@@ -23,6 +23,18 @@ from imgfeat.report.stage_times import OFF
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+def _register_heif() -> bool:
+    """HEIC/HEIF (phone photos) through pillow-heif, the `heif` extra, where installed."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+_HEIF = _register_heif()
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
 _BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a viewer would
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
@@ -41,6 +53,9 @@ def decode(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     try:
         image = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
+        if not _HEIF and data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+            raise ImageError("HEIC/HEIF image: reading it needs pillow-heif "
+                             "(pip install 'imgfeat[heif]')") from None
         raise ImageError("not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"unreadable image header: {exc}") from None

@@ -13,10 +13,13 @@ from typing import TypeVar
 
 import numpy as np
 
+from imgfeat.errors import ImageError
 from imgfeat.models.preprocess import Preprocess
+from imgfeat.pipeline.byte_reader import ByteReader
 from imgfeat.pipeline.cpu_decode import pixels_from_bytes
 from imgfeat.report.stage_times import OFF
 from imgfeat.sources import Item
+from imgfeat.store.storage import is_url
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,23 +40,44 @@ class Encoded:
 
 
 def load_pixels(item: Item, preprocess: Preprocess, max_pixels: int | None,
-                times=OFF, to_device: Callable[[str, bytes], int | None] | None = None
-                ) -> np.ndarray | Encoded | str:
+                times=OFF, to_device: Callable[[str, bytes], int | None] | None = None,
+                data: bytes | str | None = None) -> np.ndarray | Encoded | str:
     """The model-sized uint8 pixels of one item, or the reason it has none; with `to_device`
     (key, bytes -> pixel count or None), the file's bytes, left for the device decoder,
-    where `to_device` takes them."""
+    where `to_device` takes them. `data`: the bytes (or why there are none) when they were
+    read ahead (`fetch`); a local file's are read here."""
     if item.error is not None:
         return item.error
     if _CRASH_ON and item.path.endswith(_CRASH_ON):
         os._exit(99)
-    try:
-        with times.stage("read"), open(item.path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        return f"cannot read file: {exc.strerror or exc}"
+    if isinstance(data, str):
+        return data
+    if data is None:
+        try:
+            with times.stage("read"), open(item.path, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            return f"cannot read file: {exc.strerror or exc}"
     if to_device is not None and (pixels := to_device(item.key, data)) is not None:
         return Encoded(data, pixels)
     return pixels_from_bytes(data, preprocess, max_pixels, times)
+
+
+def reads_ahead(item: Item) -> bool:
+    """Whether an item's bytes are worth reading ahead on I/O threads: an object's (10-100 ms
+    each on object storage), a tar member's, a table cell's. A local file's are read by the
+    decode thread itself."""
+    return item.error is None and (item.part is not None or is_url(item.path))
+
+
+def fetch(reader: ByteReader, item: Item) -> bytes | str | None:
+    """An item's bytes, or why it has none; None where the decode thread reads them."""
+    if not reads_ahead(item):
+        return None
+    try:
+        return reader.read(item)
+    except ImageError as exc:
+        return str(exc)
 
 
 def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T],

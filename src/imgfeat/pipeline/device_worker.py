@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from imgfeat.engine.placement import Placement
 from imgfeat.plan.shards import read_shard_items
 from imgfeat.sources import Item
-from imgfeat.store.layout import Layout
+from imgfeat.store.remote import open_layout
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class DeviceWorker:
         torch.set_num_threads(placement.torch_threads)
         if placement.device.startswith("cuda"):
             torch.cuda.set_device(placement.device)
-        self.layout = Layout(out)
+        self.layout = open_layout(out, getattr(opts, "storage_options", None), pulled=False)
         self.extractor = build_extractor(opts, placement.device, self._recorded(opts))
         decode = resolve_decode(opts.decode, self.extractor.device)
         reserve = (0, 0) if decode == "cpu" else decode_memory(self.extractor.preprocess)
@@ -61,7 +61,8 @@ class DeviceWorker:
         self.pipeline = ShardPipeline(self.extractor, self.layout, batch_size=batch_size,
                              threads=threads, max_pixels=opts.max_pixels,
                              profile=opts.profile, yield_to_model=shares_cores,
-                             decode=decode)
+                             decode=decode,
+                             storage_options=getattr(opts, "storage_options", None))
 
     def identity(self) -> dict:
         return self.extractor.identity()
@@ -92,5 +93,5 @@ class DeviceWorker:
 
 def _with_exclusions(items: list[Item], excluded) -> list[Item]:
     for position, reason in excluded:
-        items[position] = Item(items[position].key, None, reason)
+        items[position] = items[position].failed(reason)
     return items

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from imgfeat.compute.extractor import Extractor, Pending
-from imgfeat.pipeline.decode_pool import Encoded, load_pixels, ordered_map
+from imgfeat.pipeline.byte_reader import ByteReader
+from imgfeat.pipeline.decode_pool import Encoded, fetch, load_pixels, ordered_map, reads_ahead
 from imgfeat.pipeline.gpu_decode import DeviceStage
 from imgfeat.report.stage_times import OFF, StageTimes
 from imgfeat.sources import Item
@@ -36,6 +37,8 @@ class ShardResult:
     errors: int
     overflow_rows: int = 0
 
+
+READS_IN_FLIGHT = int(os.environ.get("IMGFEAT_READS_IN_FLIGHT", "16"))
 
 # Decode threads that share cores with the model run at this niceness: the kernel then gives
 # them about a tenth of a core the model is using (enough for a heavy model's decoding, which
@@ -62,9 +65,11 @@ class Done:
 class ShardPipeline:
     def __init__(self, extractor: Extractor, layout: Layout, *, batch_size: int,
                  threads: int, max_pixels: int | None, profile: bool = False,
-                 yield_to_model: bool = False, decode: str = "cpu"):
+                 yield_to_model: bool = False, decode: str = "cpu",
+                 storage_options: dict | None = None, reads_in_flight: int = READS_IN_FLIGHT):
         """`decode`: cpu, or gpu / auto to decode all / a balancing share of the JPEGs on the
-        extractor's device (see pipeline.gpu_decode)."""
+        extractor's device (see pipeline.gpu_decode). `reads_in_flight`: remote reads (and
+        tar members, table cells) read ahead of decoding at once."""
         self.extractor = extractor
         self.times = StageTimes() if profile else OFF
         self.layout = layout
@@ -73,6 +78,9 @@ class ShardPipeline:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="imgfeat-decode",
                                         initializer=_lower_priority if yield_to_model else None)
         self._ahead = batch_size + 2 * threads  # next batch decodes while this one runs
+        self._reader = ByteReader(storage_options)
+        self._reads_in_flight = reads_in_flight
+        self._io_pool: ThreadPoolExecutor | None = None  # made for the first remote shard
         # On a GPU, two pinned buffers: one fills while the other's batch is in flight.
         on_gpu = extractor.device.type == "cuda"
         self._buffers = [torch.empty((batch_size, *extractor.preprocess.size, 3),
@@ -90,6 +98,8 @@ class ShardPipeline:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._io_pool is not None:
+            self._io_pool.shutdown(wait=True, cancel_futures=True)
 
     def run_shard(self, index: int, items: list[Item], progress: Progress,
                   current=None) -> ShardResult:
@@ -117,10 +127,10 @@ class ShardPipeline:
         ahead = 1 if current is not None else self._ahead
         keys: list[str] = []
         errors = 0
-        decoded = ordered_map(self._pool, load, enumerate(items), ahead)
+        decoded = ordered_map(self._pool, load, enumerate(self._fetched(items)), ahead)
         while True:
             with self.times.stage("wait"):
-                (_, item), pixels = next(decoded, ((None, None), None))
+                (_, (item, _)), pixels = next(decoded, ((None, (None, None)), None))
             if item is None:
                 break
             if isinstance(pixels, str):
@@ -131,12 +141,28 @@ class ShardPipeline:
                 self._device.held.append((len(keys), pixels))
             else:
                 self._slots[len(keys)] = pixels
+            if item.meta:
+                writer.note_meta(item.key, item.meta)
             keys.append(item.key)
             if len(keys) >= self.batch_size:
                 self._flush(writer, keys, errors, progress)
                 keys, errors = [], 0
         self._flush(writer, keys, errors, progress)
         self._land(writer, progress)
+
+    def _fetched(self, items: list[Item]):
+        """(item, bytes or why none, or None for a local file) in order: reads that wait on
+        the network run ahead on I/O threads, a bounded number in flight, so that latency
+        per object does not serialise the shard."""
+        if not any(reads_ahead(item) for item in items):
+            return ((item, None) for item in items)
+        if self._io_pool is None:
+            self._io_pool = ThreadPoolExecutor(self._reads_in_flight,
+                                               thread_name_prefix="imgfeat-read")
+        reader = self._reader
+        return ((item, data) for item, data in
+                ordered_map(self._io_pool, lambda item: fetch(reader, item), items,
+                            self._reads_in_flight))
 
     def _loader(self, current):
         """The decode threads' function. With `current`, it names the image being decoded;
@@ -145,12 +171,12 @@ class ShardPipeline:
         preprocess, max_pixels, device = self.extractor.preprocess, self.max_pixels, self._device
         to_device = device.wants if device is not None and current is None else None
 
-        def load(numbered: tuple[int, Item]):
-            position, item = numbered
+        def load(numbered: tuple[int, tuple[Item, bytes | str | None]]):
+            position, (item, data) = numbered
             if current is not None:
                 current.value = position
             began = time.perf_counter()
-            pixels = load_pixels(item, preprocess, max_pixels, self.times, to_device)
+            pixels = load_pixels(item, preprocess, max_pixels, self.times, to_device, data)
             if to_device is not None and not isinstance(pixels, (Encoded, str)):
                 device.cpu_decoded(time.perf_counter() - began)
             if current is not None:

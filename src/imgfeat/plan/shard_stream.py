@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from imgfeat.plan.shards import Shard, count_shard_items
 from imgfeat.store.layout import Layout
 from imgfeat.store.manifest import read_manifest
+from imgfeat.store.remote import refresh
 
 
 class FixedStream:
@@ -83,6 +84,7 @@ class FollowerStream:
         self._total: int | None = None
 
     def poll(self) -> list[Shard]:
+        refresh(self._layout)  # on object storage, the other node's files are in the bucket
         if self._total is None:
             plan = (read_manifest(self._layout) or {}).get("plan", {})
             if plan.get("complete"):

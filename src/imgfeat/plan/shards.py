@@ -28,17 +28,19 @@ class Shard:
 
 
 def write_shard_items(layout: Layout, index: int, items: list[Item]) -> None:
-    lines = [json.dumps([i.key, i.path] if i.error is None else [i.key, i.path, i.error])
-             for i in items]
+    lines = [json.dumps(item.to_json()) for item in items]
     write_atomic(layout.plan_file(index), ("\n".join(lines) + "\n").encode())
 
 
 def read_shard_items(layout: Layout, index: int) -> list[Item]:
+    plan_file = layout.plan_file(index)
+    if layout.remote is not None and not plan_file.exists():  # a worker on another machine
+        layout.remote.fetch(f"plan/{plan_file.name}", plan_file)
     try:
         text = layout.plan_file(index).read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"plan of shard {index} is unreadable: {exc}") from None
-    return [Item(*json.loads(line)) for line in text.splitlines() if line]
+    return [Item.from_json(json.loads(line)) for line in text.splitlines() if line]
 
 
 def last_planned_key(layout: Layout, already: list[Shard]) -> str | None:
@@ -81,11 +83,13 @@ def plan_shards(
     skipped wherever they are, and only new keys make new shards. With `seeked`, `items`
     start after the recorded ones already (sources.iter_items with `after`).
     """
+    rebuild = bool(already) and not layout.key_index.exists()  # a fresh staging folder
     index = KeyIndex(layout.key_index)
     try:
         stream = iter(items)
-        if already:  # a crash between a plan file and its key commit left keys out
-            index.add_new([item.key for item in read_shard_items(layout, already[-1].index)])
+        for shard in (already if rebuild else already[-1:]):  # also: a crash between a plan
+            index.add_new([item.key for item in read_shard_items(layout, shard.index)])  # file
+        # and its key commit left keys out
         if skip_known:
             stream = (item for item in stream if not index.contains(item.key))
         elif not seeked:
@@ -95,7 +99,7 @@ def plan_shards(
         while batch := list(islice(stream, shard_size)):
             fresh = index.add_new([item.key for item in batch])
             batch = [item if new or item.error else
-                     Item(item.key, None, "duplicate key: an earlier item has the same key")
+                     item.failed("duplicate key: an earlier item has the same key")
                      for item, new in zip(batch, fresh)]
             write_shard_items(layout, number, batch)
             index.commit()  # after the plan file: a crash in between re-adds on resume

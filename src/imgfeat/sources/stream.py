@@ -1,39 +1,79 @@
 """The item stream of all the sources of a run, in order, with keys kept apart between
-sources; and the check, before any work, that every source exists and is of a known kind."""
+sources; and the check, before any work, that every source exists and is of a known kind.
+
+A source is a folder, a list file, a webdataset tar (or a brace pattern of them), a table, or
+one image; each may be local or an fsspec URL (`store/storage.py`)."""
 
 from __future__ import annotations
 
+import os
+import posixpath
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from braceexpand import braceexpand
+
 from imgfeat.errors import UsageError
-from imgfeat.sources.folders import walk_folder
+from imgfeat.sources.folders import walk_folder, walk_remote_folder
 from imgfeat.sources.item import Item, is_image_name
 from imgfeat.sources.lists import LIST_EXTENSIONS, is_list, read_list
+from imgfeat.sources.tables import TableOptions, check_table, is_table, read_table
+from imgfeat.sources.tars import is_tar, read_tar, tar_stem
+from imgfeat.store import storage
 
 
-def iter_items(sources: Iterable[str], after: str | None = None) -> Iterator[Item]:
+@dataclass(frozen=True)
+class SourceOptions:
+    """How sources are read: the fsspec `storage_options` and the table columns."""
+
+    storage_options: dict | None = None
+    table: TableOptions = field(default_factory=TableOptions)
+
+
+@dataclass
+class Tally:
+    """What a walk passed over: files whose extension is not an image type."""
+
+    skipped: int = 0
+
+
+def iter_items(sources: Iterable[str], options: SourceOptions | None = None,
+               tally: Tally | None = None, after: str | None = None) -> Iterator[Item]:
     """Items of all sources in order; with several sources each key starts with its name.
     With `after` (the last key a resumed plan recorded), only the items after it: sources
-    before the one holding it are not read, and a folder is walked from that key on."""
+    before the one holding it are not read, and a local folder is walked from that key on."""
     sources = [str(s) for s in sources]
+    options = options or SourceOptions()
     if not sources:
         raise UsageError("no source given: name a folder of images or a list file")
-    prefixes = _prefixes(sources)
+    prefixes = _prefixes(sources, options)
     start, inner = (0, None) if after is None else _resume_point(sources, prefixes, after)
     for number in range(start, len(sources)):
         source, prefix = sources[number], prefixes[number]
-        for item in _iter_source(source, inner if number == start else None):
-            yield Item(prefix + item.key, item.path, item.error) if prefix else item
+        seek = inner if number == start else None
+        items = (item for part in expand(source)
+                 for item in _iter_source(part, options, tally, seek))
+        for item in items:
+            yield item.with_key(prefix + item.key) if prefix else item
 
 
-def can_resume_after(sources: list[str], after: str) -> bool:
-    """Whether `iter_items(sources, after)` can seek to `after`: in a folder or past an image
-    file. A list is read from its start (a listed key may repeat: only counting finds the
-    recorded place in it)."""
-    number, _ = _resume_point([str(s) for s in sources], _prefixes([str(s) for s in sources]),
-                              after)
-    return not is_list(Path(sources[number]))
+def can_resume_after(sources: list[str], after: str, options: SourceOptions | None = None
+                     ) -> bool:
+    """Whether `iter_items(sources, after=after)` can seek to `after`: in a local folder or
+    past a local image file. Other kinds are read from their start (a list's key may repeat,
+    and a tar or a table has no order to seek in without reading it)."""
+    sources = [str(s) for s in sources]
+    options = options or SourceOptions()
+    try:
+        number, _ = _resume_point(sources, _prefixes(sources, options), after)
+    except UsageError:
+        return False
+    source = sources[number]
+    if storage.is_url(source) or "{" in source:
+        return False
+    path = Path(source)
+    return path.is_dir() or (path.is_file() and is_image_name(path.name))
 
 
 def _resume_point(sources: list[str], prefixes: list[str], after: str) -> tuple[int, str]:
@@ -43,7 +83,7 @@ def _resume_point(sources: list[str], prefixes: list[str], after: str) -> tuple[
     for number in reversed(range(len(sources))):
         prefix = prefixes[number]
         if (prefix and after.startswith(prefix)) or \
-                (not prefix and after == Path(sources[number]).name):
+                (not prefix and after == posixpath.basename(sources[number].rstrip("/"))):
             return number, after[len(prefix):]
     raise _changed()
 
@@ -53,34 +93,79 @@ def _changed() -> UsageError:
                       "--overwrite to start again from the source as it is now")
 
 
-def check_sources(sources: Iterable[str]) -> list[str]:
-    """Fail early, before any work, on sources that do not exist."""
+def expand(source: str) -> list[str]:
+    """A brace pattern's names ('data/{00000..00099}.tar'), or the source itself."""
+    if "{" not in source:
+        return [source]
+    return list(braceexpand(source))
+
+
+def check_sources(sources: Iterable[str], options: SourceOptions | None = None) -> list[str]:
+    """Fail early, before any work, on sources that do not exist or cannot be read."""
+    options = options or SourceOptions()
     checked = []
     for source in sources:
-        path = Path(source)
-        if not path.exists():
+        source = str(source)
+        parts = expand(source)
+        missing = [p for p in parts if not _exists(p, options)]
+        if missing and len(parts) > 1:
+            raise UsageError(f"pattern {source} names {len(parts)} files and {len(missing)} "
+                             f"do not exist (the first: {missing[0]})" if len(missing) < len(parts)
+                             else f"pattern {source} matches nothing ({len(parts)} names, "
+                             "none exists)")
+        if missing:
             raise UsageError(f"source not found: {source}")
-        if path.is_file() and not (is_image_name(path.name) or is_list(path)):
-            raise UsageError(
-                f"source {source} is neither a folder, an image nor a list file "
-                f"({', '.join(sorted(LIST_EXTENSIONS))})"
-            )
-        checked.append(str(path))
-    _prefixes(checked)
+        for part in parts:
+            _check_kind(part, options)
+        checked.append(source if storage.is_url(source) or len(parts) > 1
+                       else str(Path(source)))
+    _prefixes(checked, options)
     return checked
 
 
-def _prefixes(sources: list[str]) -> list[str]:
+def _exists(source: str, options: SourceOptions) -> bool:
+    if not storage.is_url(source):
+        return Path(source).exists()
+    fs, path = storage.filesystem(source, options.storage_options)
+    try:
+        storage.retrying(lambda: fs.info(path))
+        return True
+    except FileNotFoundError:
+        return False
+    except Exception as exc:
+        raise UsageError(f"cannot read source {source}: {storage.reason(exc)}") from None
+
+
+def _check_kind(source: str, options: SourceOptions) -> None:
+    name = posixpath.basename(source.rstrip("/"))
+    if is_table(name):
+        check_table(source, options.table, options.storage_options)
+    elif not _is_folder(source, options) and not (
+            is_image_name(name) or is_list(name) or is_tar(name)):
+        raise UsageError(
+            f"source {source} is neither a folder, an image, a list file "
+            f"({', '.join(sorted(LIST_EXTENSIONS))}), a tar (.tar, .tar.gz, .tgz) "
+            "nor a table (.parquet, .csv, .jsonl)")
+
+
+def _is_folder(source: str, options: SourceOptions) -> bool:
+    if not storage.is_url(source):
+        return Path(source).is_dir()
+    fs, path = storage.filesystem(source, options.storage_options)
+    return storage.retrying(lambda: fs.isdir(path))
+
+
+def _prefixes(sources: list[str], options: SourceOptions) -> list[str]:
     """Key prefixes that keep keys of several sources apart ('' for a single source)."""
     if len(sources) == 1:
         return [""]
     prefixes, seen = [], {}
     for source in sources:
-        path = Path(source)
-        if path.is_file() and is_image_name(path.name):
+        base = posixpath.basename(source.rstrip("/"))
+        if is_image_name(base) and not _is_folder(source, options):
             prefixes.append("")
             continue
-        name = path.resolve().stem if path.is_file() else path.resolve().name
+        name = _source_name(source, options)
         if name in seen:
             raise UsageError(
                 f"sources {seen[name]} and {source} would both give keys starting with "
@@ -91,18 +176,52 @@ def _prefixes(sources: list[str]) -> list[str]:
     return prefixes
 
 
-def _iter_source(source: str, after: str | None = None) -> Iterator[Item]:
+def _source_name(source: str, options: SourceOptions) -> str:
+    if storage.is_url(source) or "{" in source:
+        base = posixpath.basename(source.rstrip("/"))
+        if is_tar(base):
+            return tar_stem(base)
+        return base if _is_folder(source, options) else base.rsplit(".", 1)[0]
     path = Path(source)
-    if path.is_dir():
-        yield from walk_folder(path, after)
-    elif is_list(path):
-        yield from _after_key(read_list(path), after)
-    elif after != path.name:
-        yield Item(path.name, str(path))
+    if is_tar(path.name):
+        return tar_stem(path.name)
+    return path.resolve().stem if path.is_file() else path.resolve().name
+
+
+def _iter_source(source: str, options: SourceOptions, tally: Tally | None,
+                 after: str | None = None) -> Iterator[Item]:
+    name = posixpath.basename(source.rstrip("/"))
+    if not storage.is_url(source):
+        if Path(source).is_dir():
+            yield from walk_folder(Path(source), after, tally)
+            return
+        source = os.path.abspath(source)  # workers may run elsewhere (another cwd)
+    if after is not None and is_image_name(name) and not is_tar(name):
+        return  # the single image is the recorded key
+    yield from _after_key(_read_source(source, name, options, tally), after)
+
+
+def _read_source(source: str, name: str, options: SourceOptions,
+                 tally: Tally | None) -> Iterator[Item]:
+    so = options.storage_options
+    if is_tar(name):
+        yield from read_tar(source, so)
+    elif is_table(name):
+        yield from read_table(source, options.table, so)
+    elif is_list(name):
+        yield from read_list(source, so)
+    elif storage.is_url(source):
+        if _is_folder(source, options):
+            yield from walk_remote_folder(source, so, tally)
+        else:
+            yield Item(name, source)
+    else:
+        yield Item(name, str(Path(source)))
 
 
 def _after_key(items: Iterator[Item], after: str | None) -> Iterator[Item]:
-    """A list's items after the key `after` (a list has no order to seek in: it is read)."""
+    """The items after the key `after`, found by reading (these kinds have no order to seek
+    in); callers seek only where `can_resume_after` allows, so this is the safe fallback."""
     if after is not None:
         for item in items:
             if item.key == after:

@@ -119,9 +119,13 @@ def _npy(store: Store, dest: Path, *, layer, rows_per_file, dtype, advance, over
     digits = len(str(len(sizes) - 1))
     dtype = np.dtype(dtype or "float32")
     width = int(np.prod(store.feature_shapes[layer]))
-    schema = pa.schema([("image_path", pa.string())])
+    names = store.meta_names  # captions and the like, beside image_path as clip-retrieval has
+    schema = pa.schema([("image_path", pa.string())] + [(n, pa.string()) for n in names])
+    meta = {name: store.metadata(name) for name in names}
+    done = 0
 
     def fill(folder: Path) -> None:
+        nonlocal done
         (folder / "img_emb").mkdir()
         (folder / "metadata").mkdir()
         rows = _Rows(store, layer, dtype.name)
@@ -134,8 +138,11 @@ def _npy(store: Store, dest: Path, *, layer, rows_per_file, dtype, advance, over
                                   schema) as metadata:
                 for keys, feats in rows.take(size):
                     array[start:start + len(keys)] = feats
-                    metadata.write_table(pa.table({"image_path": keys}, schema=schema))
+                    columns = {"image_path": keys, **{n: meta[n][done:done + len(keys)]
+                                                      for n in names}}
+                    metadata.write_table(pa.table(columns, schema=schema))
                     start += len(keys)
+                    done += len(keys)
                     advance(len(keys))
             array.flush()
             del array

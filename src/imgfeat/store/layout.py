@@ -14,11 +14,19 @@ from imgfeat.store import faults
 TEMP_MARK = ".tmp-"  # readers ignore any name containing it
 
 
-class Layout:
-    """The paths of one output folder (format 1)."""
+# Staging folders of outputs on object storage, and where their files go (store/remote.py).
+_REMOTES: dict[str, object] = {}
 
-    def __init__(self, root: str | os.PathLike):
+
+class Layout:
+    """The paths of one output folder (format 1). With `remote` (a `store.remote.Remote`),
+    the folder stages an output on object storage: each committed file is uploaded."""
+
+    def __init__(self, root: str | os.PathLike, remote=None):
         self.root = Path(root)
+        if remote is not None:
+            _REMOTES[str(self.root)] = remote
+        self.remote = _REMOTES.get(str(self.root))
         self.manifest = self.root / "manifest.json"
         self.plan_dir = self.root / "plan"
         self.shards_dir = self.root / "shards"
@@ -35,8 +43,16 @@ class Layout:
     def shard_file(self, index: int) -> Path:
         return self.shards_dir / f"shard-{index:06d}.h5"
 
+    @property
+    def location(self) -> str:
+        """Where the output is, as a user named it: the URL, or the folder."""
+        return self.remote.url if self.remote is not None else str(self.root)
+
     def committed(self) -> set[int]:
-        """Indices of the shards whose file exists under its final name."""
+        """Indices of the shards whose file exists under its final name (on object storage:
+        whose object exists)."""
+        if self.remote is not None:
+            return _numbers(self.remote.names("shards"), ".h5")
         return _indices(self.shards_dir, ".h5")
 
     def planned(self) -> set[int]:
@@ -49,6 +65,8 @@ class Layout:
 
     def remove_own(self) -> None:
         """Delete what imgfeat wrote here, leaving any other file alone."""
+        if self.remote is not None:
+            self.remote.remove_own()
         for path in self.own_paths():
             if path.is_dir():
                 shutil.rmtree(path)
@@ -60,8 +78,12 @@ def _indices(folder: Path, suffix: str) -> set[int]:
     """N of each `shard-N<suffix>` in `folder`, temporary files aside: one listing."""
     if not folder.is_dir():
         return set()
+    return _numbers(os.listdir(folder), suffix)
+
+
+def _numbers(names, suffix: str) -> set[int]:
     found = set()
-    for name in os.listdir(folder):
+    for name in names:
         if name.startswith("shard-") and name.endswith(suffix) and TEMP_MARK not in name:
             number = name[len("shard-"):-len(suffix)]
             if number.isdigit():
@@ -151,6 +173,10 @@ def commit(temp: Path, final: Path) -> None:
     faults.point(kind + "-temp", root)
     os.replace(temp, final)
     fsync_folder(final.parent)
+    if (remote := _REMOTES.get(str(root))) is not None:
+        remote.publish(final, final.relative_to(root).as_posix())
+        if kind == "shard":  # in the bucket now: staging holds the plan, not the features
+            final.unlink()
     faults.point(kind, root)
 
 

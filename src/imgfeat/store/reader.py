@@ -156,6 +156,23 @@ class Store:
         """Every row's key, in row order, read on demand (a sequence, not a list in memory)."""
         return Keys(self)
 
+    def meta_names(self) -> list[str]:
+        """Names of the text carried with rows (caption, json, a table's meta columns)."""
+        names: set[str] = set()
+        for i in self.shards:
+            names.update(self._shard(i).get("meta", {}).keys())
+        return sorted(names)
+
+    def metadata(self, name: str) -> list[str]:
+        """The text `name` of every row, in row order ('' where a row has none)."""
+        found: list[str] = []
+        for i in self.shards:
+            shard = self._shard(i)
+            column = shard.get("meta", {}).get(name)
+            found.extend(column.asstr()[:] if column is not None
+                         else [""] * shard["keys"].shape[0])
+        return found
+
     @property
     def errors(self) -> list[tuple[str, str]]:
         """Every error record, in a list (`iter_errors` streams them)."""

@@ -52,6 +52,7 @@ class ShardWriter:
         self.overflow_rows = 0  # rows with a value beyond float16, stored as inf
         self.error_keys: list[str] = []
         self.error_reasons: list[str] = []
+        self._meta: dict[str, dict[str, str]] = {}  # key: its text (caption, json, ...)
 
     def add_rows(self, keys: list[str], features: dict[str, np.ndarray]) -> None:
         start = len(self.keys)
@@ -80,6 +81,10 @@ class ShardWriter:
                                   "be stored as inf; run again with --dtype float32 --overwrite")
         self.overflow_rows += int(over.sum())
 
+    def note_meta(self, key: str, meta: dict[str, str]) -> None:
+        """Text that goes with the row of `key` (written at commit, beside the keys)."""
+        self._meta[key] = meta
+
     def add_error(self, key: str, reason: str) -> None:
         self.error_keys.append(key)
         self.error_reasons.append(reason)
@@ -90,6 +95,7 @@ class ShardWriter:
         errors = self._file.create_group("errors")
         errors.create_dataset("keys", data=self.error_keys, dtype=STRING)
         errors.create_dataset("reasons", data=self.error_reasons, dtype=STRING)
+        self._write_meta()
         self._file.close()
         self._check_identity()
         commit(self.temp, self.final)
@@ -105,6 +111,17 @@ class ShardWriter:
         if manifest is not None and identity_digest(manifest) != self.identity:
             raise StoreReplaced(f"{self.layout.root} was replaced by a run with other features "
                                 f"while shard {self.final.name} was extracted; it is discarded")
+
+    def _write_meta(self) -> None:
+        """`meta/<name>`: one string per row, in row order ('' where a row has none)."""
+        kept = [self._meta.get(key, {}) for key in self.keys]
+        names = sorted({name for meta in kept for name in meta})
+        if not names:
+            return
+        group = self._file.create_group("meta")
+        for name in names:
+            group.create_dataset(name, data=[meta.get(name, "") for meta in kept],
+                                 dtype=STRING)
 
     def discard(self) -> None:
         if self._file.id.valid:

@@ -1,0 +1,97 @@
+"""Where bytes live: local paths, or fsspec URLs (s3://, gs://, az://, http(s)://, hf://, ...).
+
+fsspec does the talking; this module adds what a long run needs on top: the user's
+`storage_options` applied everywhere, transient failures (timeouts, 5xx, throttling) retried
+with backoff, and the failures a user can fix (no such bucket, no access) told apart from
+those of one object.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import fsspec
+
+T = TypeVar("T")
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+RETRIES = 5
+BACKOFF_S = 0.2  # doubled after each failed try: 0.2, 0.4, 0.8, 1.6 s
+# Errors worth another try: the object may be fine and the service busy or the network flaky.
+_TRANSIENT_WORDS = ("timeout", "timed out", "throttl", "slowdown", "slow down", "reduce your",
+                    "service unavailable", "internal error", "internalerror", "too many requests",
+                    "connection reset", "connection aborted", "broken pipe", "503", "500",
+                    "502", "504", "429", "requesttimeout", "server disconnected")
+
+
+def is_url(source: str) -> bool:
+    """Whether `source` names something fsspec reaches (a local path is not a URL)."""
+    return bool(_URL.match(source)) and not source.startswith("file://")
+
+
+def filesystem(url: str, storage_options: dict | None = None):
+    """(file system, path within it) of a URL; fsspec caches the file system per options."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path
+
+
+def join(base: str, name: str) -> str:
+    """`name` relative to the folder URL `base` (or `name` itself when it is absolute)."""
+    if is_url(name) or name.startswith("/"):
+        return name
+    scheme, rest = base.split("://", 1)
+    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, name))}"
+
+
+def parent(url: str) -> str:
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
+                        NotADirectoryError)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in _TRANSIENT_WORDS)
+
+
+def retrying(call: Callable[[], T], retries: int = RETRIES) -> T:
+    """`call()`, tried again with backoff while it fails in a way that may pass."""
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except Exception as exc:
+            if attempt == retries or not is_transient(exc):
+                raise
+            time.sleep(BACKOFF_S * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(location: str, storage_options: dict | None = None,
+               start: int | None = None, end: int | None = None) -> bytes:
+    """All bytes of a local file or object, or those in [start, end)."""
+    if not is_url(location):
+        with open(location, "rb") as handle:
+            if start is None:
+                return handle.read()
+            handle.seek(start)
+            return handle.read(end - start)
+    fs, path = filesystem(location, storage_options)
+    return retrying(lambda: fs.cat_file(path, start=start, end=end))
+
+
+def reason(exc: BaseException) -> str:
+    """A short, one-line reason for a failed read, for an error record or a usage error."""
+    if isinstance(exc, FileNotFoundError):
+        return "not found"
+    if isinstance(exc, PermissionError):
+        return "access denied (check the credentials and storage options)"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,98 @@
+"""Sources on a real S3-compatible server (moto's standalone server on 127.0.0.1, s3fs as the
+client): folders, list files, tars and tables; bad buckets and credentials refused before any
+work; throttling retried."""
+
+import json
+
+import numpy as np
+import pytest
+from corpus import photo_paths
+from producers import RUN, hf_parquet, write_tars
+from s3_server import S3, ThrottlingProxy
+
+import imgfeat
+from imgfeat.cli import main
+from imgfeat.errors import UsageError
+from imgfeat.sources import check_sources
+from imgfeat.sources.stream import SourceOptions
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A bucket holding the photos loose, as a list file, as tars and as a table."""
+    server = S3()
+    server.bucket("data")
+    fs = server.fs()
+    local = tmp_path_factory.mktemp("upload")
+    paths = photo_paths()
+    for path in paths:
+        fs.pipe(f"data/photos/{path.name}", path.read_bytes())
+    fs.pipe("data/photos/README.md", b"not an image")
+    fs.pipe("data/lists/some.txt", "".join(f"../photos/{p.name}\n" for p in paths[:3]).encode()
+            + b"../photos/gone.jpg\n")
+    for tar in write_tars(local, [paths[:4], paths[4:]]):
+        fs.put(str(tar), f"data/tars/{tar.name}")
+    fs.put(str(hf_parquet(local / "table.parquet", paths)), "data/table.parquet")
+    yield server
+    server.stop()
+
+
+def run(sources, out, options, *extra):
+    return main(["extract", *sources, "-o", str(out), "--storage-options", json.dumps(options),
+                 *RUN, *extra])
+
+
+def test_every_source_kind_on_s3_equals_the_folder(s3, photo_reference, tmp_path, capsys):
+    _, features = photo_reference
+    out = tmp_path / "out"
+    sources = ["s3://data/photos", "s3://data/lists/some.txt", "s3://data/tars/shard-{00..01}.tar",
+               "s3://data/table.parquet"]
+    assert run(sources, out, s3.options(), "--key-column", "name") == 0
+    store = imgfeat.open_store(out)
+    assert store.errors == [("some/../photos/gone.jpg", "cannot read file: not found")]
+    paths = photo_paths()
+    assert len(store) == len(paths) * 3 + 3
+    stems = {p.stem: p.name for p in paths}
+    for key in store.keys:
+        name = key.split("/")[-1]
+        np.testing.assert_array_equal(store[key], features[stems.get(name, name)])
+    assert store.manifest["sources"][0] == "s3://data/photos"
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "skipped    1 files of other types" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("source, message", [
+    ("s3://no-such-bucket/photos", "source not found: s3://no-such-bucket/photos"),
+    ("s3://data/nothing-here/", "source not found"),
+    ("s3://data/tars/shard-{05..09}.tar", "matches nothing"),
+])
+def test_missing_bucket_prefix_or_tars_are_one_line(s3, source, message, tmp_path, capsys):
+    with pytest.raises(UsageError, match=message):
+        check_sources([source], SourceOptions(s3.options()))
+    assert run([source], tmp_path / "o", s3.options()) == 2
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_wrong_credentials_are_one_line_before_any_work(s3, tmp_path, monkeypatch):
+    from moto import settings
+
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the server checks keys
+    options = {**s3.options(), "key": "wrong", "secret": "wrong", "skip_instance_cache": True}
+    with pytest.raises(UsageError, match=r"cannot read source s3://data/photos: access denied"):
+        check_sources(["s3://data/photos"], SourceOptions(options))
+
+
+def test_throttling_is_retried(s3, photo_reference, tmp_path):
+    _, features = photo_reference
+    proxy = ThrottlingProxy(s3.port, every=3)
+    try:
+        options = s3.options(proxy.endpoint, skip_instance_cache=True)
+        assert run(["s3://data/photos"], tmp_path / "out", options) == 0
+    finally:
+        proxy.stop()
+    assert proxy.throttled > 0
+    store = imgfeat.open_store(tmp_path / "out")
+    assert not store.errors and len(store) == len(photo_paths())
+    for key in store.keys:
+        np.testing.assert_array_equal(store[key], features[key])
