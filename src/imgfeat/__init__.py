@@ -32,6 +32,7 @@ def open_store(path: str | os.PathLike, storage_options: dict | None = None):
     from imgfeat.store.storage import is_url
 
     store = Store(open_for_reading(path, storage_options))
+    store.storage_options = storage_options  # how the page reads the store's sources
     if is_url(str(path)):
         store.location = str(path)  # read from a local copy: name the URL
     return store

@@ -33,7 +33,7 @@ class State:
         self.store, self.threshold = store, threshold
         self.searcher = Searcher(store, layer)
         self.searcher.embedder.max_pixels = MAX_UPLOAD_PIXELS
-        self.items = Items(store)
+        self.items = Items(store, getattr(store, "storage_options", None))
         self.lock = threading.Lock()
         self._groups = None
 

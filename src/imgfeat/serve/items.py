@@ -12,7 +12,8 @@ from PIL import Image
 
 from imgfeat.errors import ImageError
 from imgfeat.pipeline.cpu_decode import decode
-from imgfeat.pipeline.decode_pool import Encoded, load_pixels
+from imgfeat.pipeline.byte_reader import ByteReader
+from imgfeat.pipeline.decode_pool import Encoded, fetch, load_pixels
 from imgfeat.plan.shards import read_shard_items
 from imgfeat.search.keys import keys_of
 from imgfeat.sources import Item
@@ -22,9 +23,11 @@ THUMB_MAX_PIXELS = 64_000_000  # a thumbnail is not worth decoding more
 
 
 class Items:
-    def __init__(self, store):
+    def __init__(self, store, storage_options: dict | None = None):
         self.store = store
         self._items = lru_cache(maxsize=8)(self._read_plan)
+        # Tar members, table cells and objects are read as extraction reads them.
+        self._reader = ByteReader(storage_options)
 
     def item(self, row: int) -> Item:
         """The recorded item of a row; IndexError for a row outside the store."""
@@ -39,7 +42,9 @@ class Items:
 
     def read(self, row: int) -> bytes:
         """The bytes of a row's image, as the decode pool reads them."""
-        loaded = load_pixels(self.item(row), None, None, to_device=lambda _key, data: 1)
+        item = self.item(row)
+        loaded = load_pixels(item, None, None, to_device=lambda _key, data: 1,
+                             data=fetch(self._reader, item))
         if isinstance(loaded, Encoded):
             return loaded.data
         raise ImageError(loaded)
