@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 
 from imgfeat.errors import ImageError
-from imgfeat.pipeline.cpu_decode import decode
 from imgfeat.pipeline.byte_reader import ByteReader
+from imgfeat.pipeline.cpu_decode import decode
 from imgfeat.pipeline.decode_pool import Encoded, fetch, load_pixels
 from imgfeat.plan.shards import read_shard_items
 from imgfeat.search.keys import keys_of
