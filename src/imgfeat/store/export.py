@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -121,11 +122,9 @@ def _npy(store: Store, dest: Path, *, layer, rows_per_file, dtype, advance, over
     width = int(np.prod(store.feature_shapes[layer]))
     names = store.meta_names  # captions and the like, beside image_path as clip-retrieval has
     schema = pa.schema([("image_path", pa.string())] + [(n, pa.string()) for n in names])
-    meta = {name: store.metadata(name) for name in names}
-    done = 0
 
     def fill(folder: Path) -> None:
-        nonlocal done
+        meta = {name: store.iter_metadata(name) for name in names}  # streamed with the rows
         (folder / "img_emb").mkdir()
         (folder / "metadata").mkdir()
         rows = _Rows(store, layer, dtype.name)
@@ -138,11 +137,10 @@ def _npy(store: Store, dest: Path, *, layer, rows_per_file, dtype, advance, over
                                   schema) as metadata:
                 for keys, feats in rows.take(size):
                     array[start:start + len(keys)] = feats
-                    columns = {"image_path": keys, **{n: meta[n][done:done + len(keys)]
+                    columns = {"image_path": keys, **{n: list(islice(meta[n], len(keys)))
                                                       for n in names}}
                     metadata.write_table(pa.table(columns, schema=schema))
                     start += len(keys)
-                    done += len(keys)
                     advance(len(keys))
             array.flush()
             del array

@@ -156,6 +156,7 @@ class Store:
         """Every row's key, in row order, read on demand (a sequence, not a list in memory)."""
         return Keys(self)
 
+    @cached_property
     def meta_names(self) -> list[str]:
         """Names of the text carried with rows (caption, json, a table's meta columns)."""
         names: set[str] = set()
@@ -165,13 +166,17 @@ class Store:
 
     def metadata(self, name: str) -> list[str]:
         """The text `name` of every row, in row order ('' where a row has none)."""
-        found: list[str] = []
+        return list(self.iter_metadata(name))
+
+    def iter_metadata(self, name: str) -> Iterator[str]:
+        """`metadata(name)` streamed: one shard's column in memory at a time."""
         for i in self.shards:
             shard = self._shard(i)
             column = shard.get("meta", {}).get(name)
-            found.extend(column.asstr()[:] if column is not None
-                         else [""] * shard["keys"].shape[0])
-        return found
+            if column is None:
+                yield from [""] * shard["keys"].shape[0]
+            else:
+                yield from column.asstr()[:]
 
     @property
     def errors(self) -> list[tuple[str, str]]:
