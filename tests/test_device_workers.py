@@ -63,6 +63,9 @@ class SmallDevice:
     def __call__(self, batch: torch.Tensor):
         return self.launch(batch).result()
 
+    def identity(self) -> dict:  # what each shard records (store/manifest.identity_digest)
+        return {"model": {"spec": "small-device"}, "layers": {"mean": [1]}}
+
 
 @pytest.fixture(scope="module")
 def small_jpegs(tmp_path_factory) -> list[Item]:

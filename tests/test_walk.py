@@ -81,7 +81,7 @@ def test_a_resumed_plan_does_not_walk_again_what_it_recorded(tree, tmp_path, mon
     real = listing.sorted_entries
     monkeypatch.setattr("imgfeat.sources.folders.sorted_entries",
                         lambda folder: listed.append(folder) or real(folder))
-    rest = list(plan_shards(iter_items([str(tree)], after), layout, 3, already, seeked=True))
+    rest = list(plan_shards(iter_items([str(tree)], after=after), layout, 3, already, seeked=True))
     assert [s.count for s in already + rest] == [s.count for s in whole]
     assert not any(folder.endswith(("/a", "/a/x")) for folder in listed)
     for index in range(len(whole)):

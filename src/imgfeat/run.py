@@ -236,8 +236,9 @@ def _shard_stream(layout: Layout, manifest: dict, sources: list[str], opts: Extr
     after = None if incremental else last_planned_key(layout, recorded)
     if after is not None and not can_resume_after(sources, after, options):
         after = None
-    planner = plan_shards(iter_items(sources, options, tally, after), layout, opts.shard_size,
-                          recorded, skip_known=incremental, seeked=after is not None)
+    planner = plan_shards(iter_items(sources, options, tally, after=after), layout,
+                          opts.shard_size, recorded, skip_known=incremental,
+                          seeked=after is not None)
     return PlannerStream(planner, known=recorded)
 
 

@@ -39,7 +39,7 @@ class Tally:
 
 
 def iter_items(sources: Iterable[str], options: SourceOptions | None = None,
-               tally: Tally | None = None, after: str | None = None) -> Iterator[Item]:
+               tally: Tally | None = None, *, after: str | None = None) -> Iterator[Item]:
     """Items of all sources in order; with several sources each key starts with its name.
     With `after` (the last key a resumed plan recorded), only the items after it: sources
     before the one holding it are not read, and a local folder is walked from that key on."""
