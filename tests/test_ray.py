@@ -159,3 +159,13 @@ def test_ray_refuses_several_nodes_flags(many, tmp_path):
     with pytest.raises(UsageError, match="--num-nodes is for running without"):
         imgfeat.extract(str(many), tmp_path / "o", engine="ray", num_nodes=2, node_rank=0)
 
+
+
+def test_float16_overflow_in_the_first_shard_stops_a_ray_run_in_one_line(many, cluster,
+                                                                         tmp_path, capsys):
+    out = tmp_path / "overflow"
+    args = [*ray_args(many, out, cluster), "--input-scale", "1e6"]  # far beyond 65504
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--dtype float32" in err, err
+    assert not list((out / "shards").glob("*.h5"))
