@@ -139,7 +139,7 @@ def remove_temps_of(layout: Layout, pids: list[int] | None = None,
                 continue
             pid = owner[len(host) + 1:].split("-")[0]
             if pid.isdigit() and (int(pid) in pids if pids is not None
-                                  else not _running(int(pid))):
+                                  else not pid_running(int(pid))):
                 path.unlink(missing_ok=True)
 
 
@@ -155,7 +155,8 @@ def _age(path: Path, now: float) -> float:
         return 0.0
 
 
-def _running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """Whether process `pid` of this host is alive (one we may not signal is)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from imgfeat.errors import UsageError
-from imgfeat.store.layout import Layout
+from imgfeat.store.layout import Layout, pid_running
 
 HEARTBEAT_S = float(os.environ.get("IMGFEAT_LEASE_HEARTBEAT_S", "30"))
 STALE_S = float(os.environ.get("IMGFEAT_LEASE_STALE_S", "300"))
@@ -47,7 +47,7 @@ class Holder:
 
     def gone(self) -> str | None:
         """Why this holder is no longer at work, or None while it may be."""
-        if self.host == socket.gethostname() and not _running(self.pid):
+        if self.host == socket.gethostname() and not pid_running(self.pid):
             return "its process is no longer running"
         age = time.time() - self.heartbeat
         if age > STALE_S:
@@ -191,13 +191,3 @@ def _remove(path: Path, expected: Holder | None = None) -> bool:
         return True
     finally:
         away.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
