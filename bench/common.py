@@ -22,6 +22,8 @@ def machine() -> str:
 
 
 def commit() -> str:
+    if os.environ.get("IMGFEAT_BENCH_COMMIT"):  # a copy of the tree without its .git
+        return os.environ["IMGFEAT_BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                               capture_output=True, text=True, check=True).stdout.strip()
