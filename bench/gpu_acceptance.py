@@ -22,6 +22,7 @@ skipped, and the report says so. Without a GPU the command says so in one line a
 meaningless, written under --work, not to docs).
 
     python bench/gpu_acceptance.py [--count 20000] [--budget 570] [--skip-tests] [--rehearse]
+    python bench/gpu_acceptance.py --only "decode cpu" --only probe   # chosen lines alone
 """
 
 from __future__ import annotations
@@ -225,8 +226,25 @@ def scaling(run: Acceptance, corpus: Path) -> tuple[float, float, str]:
         f"({one:.0f}/s)"
 
 
+def probes(run: Acceptance, corpus: Path) -> list[tuple]:
+    """Lines run only when `--only` names them: what a choice of the pipeline is worth."""
+    threads = {"IMGFEAT_DECODE_PROCESSES": "0"}
+    return [
+        ("probe: imgfeat --decode cpu on threads", 60, False, "cpu",
+         lambda: imgfeat_line(run, corpus, "--decode", "cpu", env=threads)),
+        ("probe: imgfeat --decode gpu --threads 4", 40, True, "nvjpeg",
+         lambda: imgfeat_line(run, corpus, "--decode", "gpu", "--threads", "4")),
+        ("probe: imgfeat --decode gpu --threads 8", 40, True, "nvjpeg",
+         lambda: imgfeat_line(run, corpus, "--decode", "gpu", "--threads", "8")),
+    ]
+
+
 def measure(run: Acceptance, corpus: Path, prefix: Path) -> None:
-    for name, seconds, needs_gpu, ceiling, how in plan(run, corpus, prefix):
+    chosen = plan(run, corpus, prefix)
+    if run.args.only:
+        chosen = [line for line in chosen + probes(run, corpus)
+                  if any(part in line[0] for part in run.args.only)]
+    for name, seconds, needs_gpu, ceiling, how in chosen:
         line = Line(name, ceiling=ceiling)
         if needs_gpu and run.args.rehearse:
             line.note = "skipped: needs a GPU"
@@ -267,6 +285,9 @@ def options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vit")
     parser.add_argument("--seed-images", type=int)
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--only", action="append", metavar="TEXT",
+                        help="measure only the lines whose name holds TEXT (repeatable; "
+                             "also the probes); no tests, no decoding check, no docs")
     parser.add_argument("--rehearse", action="store_true",
                         help="run every step small on the CPU to check this command")
     parser.add_argument("--work", type=Path,
@@ -292,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     run = Acceptance(args)
     run.work.mkdir(parents=True, exist_ok=True)
     print(f"gpu_acceptance: {machine()}; commit {commit()}", flush=True)
+    if args.only:
+        corpus = build(run.work / f"corpus-{args.count}", args.count)
+        measure(run, corpus, prefix_of(corpus, args.seed_images))
+        return 0 if not any(line.failed for line in run.lines) else 1
     tests = (True, "skipped (--skip-tests)") if args.skip_tests else cuda_tests(run)
     print(f"1. CUDA-only tests: {'passed' if tests[0] else 'FAILED'}: {tests[1]}", flush=True)
     check = decoding(run)

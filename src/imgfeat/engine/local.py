@@ -71,8 +71,11 @@ class LocalEngine:
     def _spawn(self, number: int, placement: Placement, start_failures: int = 0) -> _Slot:
         tasks = self._ctx.Queue()
         current = self._ctx.Value("q", -1, lock=False)
+        # Not a daemon: a daemon may not start processes, and a worker decodes on processes
+        # of its own (pipeline.decode_processes). stop() ends every worker; a killed
+        # coordinator takes them along through PDEATHSIG (worker_process).
         process = self._ctx.Process(
-            target=worker_process_main, name=f"imgfeat-worker-{number}", daemon=True,
+            target=worker_process_main, name=f"imgfeat-worker-{number}", daemon=False,
             args=(number, placement, self._options, self._out, tasks, self._results, current))
         process.start()
         self._pids.append(process.pid)
@@ -181,6 +184,8 @@ class LocalEngine:
         """Put the shard back: with the image being decoded excluded if there was one."""
         task, slot.task = slot.task, None
         reporter.advance(-slot.done_rows, -slot.done_errors, worker=slot.name)
+        reporter.append_log(f"shard {task.index} failed on {slot.name} ({reason}); "
+                            "retried one image at a time")
         retry = self._policy.after_death(task, slot.current.value, reason)
         if retry is not None:
             waiting.appendleft(retry)

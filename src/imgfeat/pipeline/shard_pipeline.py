@@ -20,6 +20,7 @@ import torch
 from imgfeat.compute.extractor import Extractor, Pending
 from imgfeat.pipeline.byte_reader import ByteReader
 from imgfeat.pipeline.decode_pool import Encoded, fetch, load_pixels, ordered_map, reads_ahead
+from imgfeat.pipeline.decode_processes import DecodeProcesses, use_processes
 from imgfeat.pipeline.gpu_decode import DeviceStage
 from imgfeat.report.stage_times import OFF, StageTimes
 from imgfeat.sources import Item
@@ -90,6 +91,12 @@ class ShardPipeline:
         self._in_flight: tuple[list[str], int, Pending] | None = None
         self._device = None if decode == "cpu" else DeviceStage(
             decode, extractor.preprocess, extractor.device, max_pixels, threads)
+        # Processes decode what the device does not take; JPEGs routed to the device need
+        # the device stage's state, so device decoding stays on threads.
+        self._processes = DecodeProcesses(
+            threads, extractor.preprocess, max_pixels, self._ahead,
+            low_priority=yield_to_model, profile=profile) \
+            if decode == "cpu" and use_processes(threads) else None
 
     def _use_buffer(self, number: int) -> None:
         self._current = number
@@ -98,6 +105,8 @@ class ShardPipeline:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.close()
         if self._io_pool is not None:
             self._io_pool.shutdown(wait=True, cancel_futures=True)
 
@@ -123,14 +132,12 @@ class ShardPipeline:
 
     def _fill(self, writer: ShardWriter, items: list[Item], progress: Progress,
               current) -> None:
-        load = self._loader(current)
-        ahead = 1 if current is not None else self._ahead
         keys: list[str] = []
         errors = 0
-        decoded = ordered_map(self._pool, load, enumerate(self._fetched(items)), ahead)
+        decoded = self._decoded(items, current)
         while True:
             with self.times.stage("wait"):
-                (_, (item, _)), pixels = next(decoded, ((None, (None, None)), None))
+                item, pixels = next(decoded, (None, None))
             if item is None:
                 break
             if isinstance(pixels, str):
@@ -149,6 +156,16 @@ class ShardPipeline:
                 keys, errors = [], 0
         self._flush(writer, keys, errors, progress)
         self._land(writer, progress)
+
+    def _decoded(self, items: list[Item], current):
+        """(item, its pixels, Encoded bytes for the device, or why none) in order. A careful
+        shard decodes one image at a time on a thread of this process, so that a decoder
+        that kills the process names its image."""
+        if self._processes is not None and current is None:
+            return self._processes.decode(self._fetched(items), self.times)
+        ahead = 1 if current is not None else self._ahead
+        return ((item, pixels) for (_, (item, _)), pixels in ordered_map(
+            self._pool, self._loader(current), enumerate(self._fetched(items)), ahead))
 
     def _fetched(self, items: list[Item]):
         """(item, bytes or why none, or None for a local file) in order: reads that wait on

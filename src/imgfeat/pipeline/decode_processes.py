@@ -1,0 +1,128 @@
+"""Decoding on processes of their own, for workers with many cores.
+
+Decode threads of one process take turns on its GIL: on the 16 cores of an H200 machine a
+ResNet-50 worker decoding on 16 threads ran 1,294 images/s, where one process per core decodes
+7,590 (docs/benchmarks.md, "GPU acceptance"). Here each process decodes a chunk of items into
+slots of a shared-memory ring, and the worker copies each slot into its batch (150 KB, some
+microseconds), so pixels never pass through a pipe. A decoder that kills its process breaks
+the pool: the shard fails, and the engine retries it one image at a time in the worker
+itself, where the image that kills it is found and recorded as an error (engine.retry).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.shared_memory import SharedMemory
+
+import numpy as np
+
+from imgfeat.models.preprocess import Preprocess
+from imgfeat.pipeline.decode_pool import load_pixels, ordered_map
+from imgfeat.report.stage_times import OFF, StageTimes
+from imgfeat.sources import Item
+
+# Decode threads from which a worker decodes on processes: below it the GIL is not what holds
+# decoding up, and processes would only cost their start (a second or two each).
+PROCESSES_FROM = 4
+CHUNK = 8  # items per task: one task's round trip costs the worker ~100 us of its thread
+
+
+def use_processes(threads: int) -> bool:
+    """Whether a worker with `threads` decode threads decodes on processes instead;
+    IMGFEAT_DECODE_PROCESSES=1 or 0 decides it outright."""
+    forced = os.environ.get("IMGFEAT_DECODE_PROCESSES")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return threads >= PROCESSES_FROM
+
+
+class DecodeProcesses:
+    """`processes` decoders and a ring of model-sized slots they fill, for one worker."""
+
+    def __init__(self, processes: int, preprocess: Preprocess, max_pixels: int | None,
+                 ahead: int, *, low_priority: bool = False, profile: bool = False):
+        self._chunks_ahead = max(2, -(-ahead // CHUNK))
+        height, width = preprocess.size
+        shape = ((self._chunks_ahead + 1) * CHUNK, height, width, 3)
+        self._memory = SharedMemory(create=True, size=int(np.prod(shape)))
+        self.ring = np.ndarray(shape, dtype=np.uint8, buffer=self._memory.buf)
+        # spawn, not fork: the worker holds CUDA and threads, which a forked child inherits
+        # in whatever state they were in.
+        self._pool = ProcessPoolExecutor(
+            processes, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
+            initargs=(self._memory.name, shape, preprocess, max_pixels, low_priority, profile))
+
+    def decode(self, items: Iterable[tuple[Item, bytes | str | None]], times=OFF
+               ) -> Iterator[tuple[Item, np.ndarray | str]]:
+        """(item, its pixels or why none) in order; the pixels are a view of the ring, valid
+        until the next item is asked for."""
+        for tasks, (results, seconds) in ordered_map(self._pool, _decode_chunk,
+                                                     self._numbered(items), self._chunks_ahead):
+            if seconds:
+                times.add(seconds)
+            for (slot, item, _), result in zip(tasks, results):
+                yield item, self.ring[slot] if result is None else result
+
+    def _numbered(self, items: Iterable[tuple[Item, bytes | str | None]]):
+        """Chunks of (slot, item, bytes): chunk n fills the ring's part n mod (chunks ahead
+        + 1), which no chunk still in flight or being read uses."""
+        chunk, number = [], 0
+        for item, data in items:
+            chunk.append(((number % (self._chunks_ahead + 1)) * CHUNK + len(chunk), item, data))
+            if len(chunk) == CHUNK:
+                yield chunk
+                chunk, number = [], number + 1
+        if chunk:
+            yield chunk
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        del self.ring  # the memory cannot be closed while an array still views it
+        try:
+            self._memory.close()
+        except BufferError:  # a view outlived its shard; the mapping goes with the process
+            pass
+        self._memory.unlink()
+
+
+# -- in each decode process ---------------------------------------------------------------------
+
+_state: dict = {}
+
+
+def _start(name: str, shape: tuple, preprocess: Preprocess, max_pixels: int | None,
+           low_priority: bool, profile: bool) -> None:
+    if low_priority and sys.platform.startswith("linux"):
+        os.setpriority(os.PRIO_PROCESS, 0, 10)  # as decode threads sharing the model's cores
+    try:
+        import torch
+
+        torch.set_num_threads(1)  # one core per process: the resize's own threads would fight
+    except ImportError:
+        pass
+    try:  # the worker owns the memory: its tracker, not this process's, may unlink it
+        memory = SharedMemory(name=name, track=False)
+    except TypeError:  # before Python 3.13, where attaching does not unlink it either
+        memory = SharedMemory(name=name)
+    _state.update(memory=memory, ring=np.ndarray(shape, dtype=np.uint8, buffer=memory.buf),
+                  preprocess=preprocess, max_pixels=max_pixels, profile=profile)
+
+
+def _decode_chunk(tasks: list[tuple[int, Item, bytes | str | None]]
+                  ) -> tuple[list[str | None], dict[str, float] | None]:
+    """Per task: None where its pixels are in its slot, else why it has none; and the
+    seconds per stage when profiling."""
+    times = StageTimes() if _state["profile"] else OFF
+    ring, results = _state["ring"], []
+    for slot, item, data in tasks:
+        pixels = load_pixels(item, _state["preprocess"], _state["max_pixels"], times, data=data)
+        if isinstance(pixels, str):
+            results.append(pixels)
+        else:
+            ring[slot] = pixels
+            results.append(None)
+    return results, (times.seconds if _state["profile"] else None)
