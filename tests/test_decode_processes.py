@@ -3,8 +3,10 @@ same rows and errors as decode threads, a decoder that kills its process costs o
 no shared memory is left behind."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +96,52 @@ def test_threads_below_four_stay_threads(monkeypatch):
     assert not use_processes(2) and use_processes(16)
     monkeypatch.setenv("IMGFEAT_DECODE_PROCESSES", "0")
     assert not use_processes(16)
+
+
+def _children(pid: int, marker: str = "spawn_main") -> list[int]:
+    try:
+        pids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(child) for child in pids if marker in _cmdline(int(child))]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:3]
+    except OSError:
+        return False
+
+
+def _poll(condition, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.mark.slow
+def test_decoders_end_with_a_killed_worker(mixed_corpus, threads_run, tmp_path):
+    command = [sys.executable, "-m", "imgfeat", "extract", str(mixed_corpus[0]), "-o",
+               str(tmp_path / "o"), *FAST, *SHARD, "--devices", "cpu:1", "--threads", "2"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "IMGFEAT_DECODE_PROCESSES": "1"})
+    try:
+        worker = _poll(lambda: _children(run.pid))[0]
+        decoders = _poll(lambda: _children(worker))  # they start with the first shard
+        os.kill(worker, signal.SIGKILL)
+        _poll(lambda: not any(_alive(pid) for pid in decoders), timeout=20)
+        _, stderr = run.communicate(timeout=300)
+    finally:
+        run.kill()
+    assert run.returncode == 0, stderr
+    assert_same_store(tmp_path / "o", threads_run)  # the worker's shard was done again

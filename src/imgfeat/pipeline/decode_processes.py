@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.shared_memory import SharedMemory
@@ -28,6 +31,7 @@ from imgfeat.sources import Item
 # Decode threads from which a worker decodes on processes: below it the GIL is not what holds
 # decoding up, and processes would only cost their start (a second or two each).
 PROCESSES_FROM = 4
+PARENT_CHECK_S = 0.5
 CHUNK = 8  # items per task: one task's round trip costs the worker ~100 us of its thread
 
 
@@ -54,7 +58,8 @@ class DecodeProcesses:
         # in whatever state they were in.
         self._pool = ProcessPoolExecutor(
             processes, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
-            initargs=(self._memory.name, shape, preprocess, max_pixels, low_priority, profile))
+            initargs=(os.getpid(), self._memory.name, shape, preprocess, max_pixels,
+                      low_priority, profile))
 
     def decode(self, items: Iterable[tuple[Item, bytes | str | None]], times=OFF
                ) -> Iterator[tuple[Item, np.ndarray | str]]:
@@ -94,8 +99,11 @@ class DecodeProcesses:
 _state: dict = {}
 
 
-def _start(name: str, shape: tuple, preprocess: Preprocess, max_pixels: int | None,
-           low_priority: bool, profile: bool) -> None:
+def _start(worker: int, name: str, shape: tuple, preprocess: Preprocess,
+           max_pixels: int | None, low_priority: bool, profile: bool) -> None:
+    # The worker's pid, not getppid(): the worker may have died while this process started.
+    threading.Thread(target=_exit_with, args=(worker,), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
     if low_priority and sys.platform.startswith("linux"):
         os.setpriority(os.PRIO_PROCESS, 0, 10)  # as decode threads sharing the model's cores
     try:
@@ -110,6 +118,15 @@ def _start(name: str, shape: tuple, preprocess: Preprocess, max_pixels: int | No
         memory = SharedMemory(name=name)
     _state.update(memory=memory, ring=np.ndarray(shape, dtype=np.uint8, buffer=memory.buf),
                   preprocess=preprocess, max_pixels=max_pixels, profile=profile)
+
+
+def _exit_with(parent: int) -> None:
+    """End this process once its worker is gone: a worker killed with SIGKILL cannot shut its
+    pool down, and the pool's processes would wait for work forever. (Not PDEATHSIG: that
+    follows the thread that started the process, which need not live as long as the worker.)"""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
 
 
 def _decode_chunk(tasks: list[tuple[int, Item, bytes | str | None]]
