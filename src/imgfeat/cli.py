@@ -258,8 +258,9 @@ def _add_extract(commands) -> None:
                    help="on CPU, run the model eagerly rather than as a frozen TorchScript "
                    "graph (used only where it gives the eager result)")
     r.add_argument("--threads", type=int,
-                   help="decode threads per worker (default: on GPU, the worker's cores; on "
-                   "CPU, the cores the model leaves free, or all at low priority)")
+                   help="decoders per worker (default: on GPU, the worker's cores, 4 with "
+                   "--decode gpu; on CPU, the cores the model leaves free, or all at low "
+                   "priority); from 4 up they are processes, not threads")
     r.add_argument("--dtype", default="float16", choices=("float16", "float32"),
                    help="stored feature type")
     r.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
