@@ -17,7 +17,13 @@ from runs import assert_same_store, make_many
 import imgfeat
 from imgfeat.models.preprocess import Preprocess
 from imgfeat.pipeline.decode_pool import load_pixels
-from imgfeat.pipeline.decode_processes import DecodeProcesses, use_processes
+from imgfeat.pipeline.decode_processes import (
+    DecodeProcesses,
+    decoders,
+    ring_bytes,
+    shared_memory_free,
+    use_processes,
+)
 from imgfeat.sources import Item
 
 SHARD = ["--shard-size", "6"]
@@ -145,3 +151,16 @@ def test_decoders_end_with_a_killed_worker(mixed_corpus, threads_run, tmp_path):
         run.kill()
     assert run.returncode == 0, stderr
     assert_same_store(tmp_path / "o", threads_run)  # the worker's shard was done again
+
+
+def test_a_ring_larger_than_shared_memory_means_threads(tmp_path, monkeypatch):
+    """A container's /dev/shm is 64 MiB by default: a ring that does not fit would kill the
+    decoders with SIGBUS, so the worker decodes on threads and says why."""
+    monkeypatch.setenv("IMGFEAT_DECODE_PROCESSES", "1")
+    free = shared_memory_free()
+    side = int((free or 2**40) ** 0.5)  # one slot alone is about all of it
+    with pytest.warns(UserWarning, match=r"decoding on threads, not processes: shared memory"):
+        assert decoders(4, Preprocess(size=(side, side)), None, ahead=8) is None
+    small = decoders(2, Preprocess(size=(8, 8)), None, ahead=8)
+    assert small is not None and ring_bytes(Preprocess(size=(8, 8)), 8) == 3 * 8 * 8 * 8 * 3
+    small.close()

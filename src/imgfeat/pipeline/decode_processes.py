@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.shared_memory import SharedMemory
@@ -44,12 +45,48 @@ def use_processes(threads: int) -> bool:
     return threads >= PROCESSES_FROM
 
 
+def decoders(threads: int, preprocess: Preprocess, max_pixels: int | None, ahead: int, *,
+             low_priority: bool = False, profile: bool = False) -> DecodeProcesses | None:
+    """Decode processes for a worker with `threads` decoders, where they pay and their ring
+    fits in shared memory; else None, and the worker decodes on threads."""
+    if not use_processes(threads):
+        return None
+    need, free = ring_bytes(preprocess, ahead), shared_memory_free()
+    if free is not None and need > free // 2:  # the other workers of the machine need theirs
+        warnings.warn(f"decoding on threads, not processes: shared memory (/dev/shm) has "
+                      f"{free / 2**20:.0f} MiB free where the decoders' ring needs "
+                      f"{need / 2**20:.0f} MiB; give it more for faster decoding (in a "
+                      "container: docker run --shm-size=4g)", stacklevel=2)
+        return None
+    return DecodeProcesses(threads, preprocess, max_pixels, ahead,
+                           low_priority=low_priority, profile=profile)
+
+
+def ring_bytes(preprocess: Preprocess, ahead: int) -> int:
+    height, width = preprocess.size
+    return (_chunks_ahead(ahead) + 1) * CHUNK * height * width * 3
+
+
+def _chunks_ahead(ahead: int) -> int:
+    return max(2, -(-ahead // CHUNK))
+
+
+def shared_memory_free(path: str = "/dev/shm") -> int | None:
+    """Bytes free where POSIX shared memory lives (a container's default is 64 MiB, and a
+    page written past it kills the writer with SIGBUS); None where it cannot be told."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
 class DecodeProcesses:
     """`processes` decoders and a ring of model-sized slots they fill, for one worker."""
 
     def __init__(self, processes: int, preprocess: Preprocess, max_pixels: int | None,
                  ahead: int, *, low_priority: bool = False, profile: bool = False):
-        self._chunks_ahead = max(2, -(-ahead // CHUNK))
+        self._chunks_ahead = _chunks_ahead(ahead)
         height, width = preprocess.size
         shape = ((self._chunks_ahead + 1) * CHUNK, height, width, 3)
         self._memory = SharedMemory(create=True, size=int(np.prod(shape)))

@@ -20,7 +20,7 @@ import torch
 from imgfeat.compute.extractor import Extractor, Pending
 from imgfeat.pipeline.byte_reader import ByteReader
 from imgfeat.pipeline.decode_pool import Encoded, fetch, load_pixels, ordered_map, reads_ahead
-from imgfeat.pipeline.decode_processes import DecodeProcesses, use_processes
+from imgfeat.pipeline.decode_processes import decoders
 from imgfeat.pipeline.gpu_decode import DeviceStage
 from imgfeat.report.stage_times import OFF, StageTimes
 from imgfeat.sources import Item
@@ -93,10 +93,9 @@ class ShardPipeline:
             decode, extractor.preprocess, extractor.device, max_pixels, threads)
         # Processes decode what the device does not take; JPEGs routed to the device need
         # the device stage's state, so device decoding stays on threads.
-        self._processes = DecodeProcesses(
-            threads, extractor.preprocess, max_pixels, self._ahead,
-            low_priority=yield_to_model, profile=profile) \
-            if decode == "cpu" and use_processes(threads) else None
+        self._processes = decoders(threads, extractor.preprocess, max_pixels, self._ahead,
+                                   low_priority=yield_to_model, profile=profile) \
+            if decode == "cpu" else None
 
     def _use_buffer(self, number: int) -> None:
         self._current = number
