@@ -161,3 +161,16 @@ def test_the_run_log_reaches_the_bucket_done_or_refused(s3, runs, many):
     assert cli(s3, "extract", str(many), "-o", URL, *SETTINGS, "--image-size", "32") == 2
     log = fs.cat_file("feats/run/imgfeat.log").decode()
     assert "done:" in log and "error:" in log and "already holds different features" in log
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "s3://feats/nothing"], "s3://feats/nothing holds no imgfeat store"),
+    (["verify", "s3://no-such-bucket/feats"], "holds no imgfeat store"),
+    (["whiten", URL, "--dim", "8", "-o", "s3://no-such-bucket/w"],
+     "cannot write output s3://no-such-bucket/w"),
+])
+def test_mistakes_on_s3_are_one_line(s3, runs, argv, message, capsys):
+    capsys.readouterr()
+    assert cli(s3, *argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

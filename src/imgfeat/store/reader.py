@@ -26,7 +26,7 @@ class Store:
         self.layout = path if isinstance(path, Layout) else Layout(path)
         manifest = read_manifest(self.layout)
         if manifest is None:
-            raise UsageError(f"{path} is not an imgfeat output folder (no manifest.json)")
+            raise UsageError(f"{self.location} is not an imgfeat output folder (no manifest.json)")
         self.manifest = manifest
         self.shards = sorted(self.layout.committed())
         self._files = ShardCache(self.layout.open_shard)

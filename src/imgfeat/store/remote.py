@@ -105,6 +105,8 @@ class Remote:
 
     def open_h5(self, relative: str) -> h5py.File:
         """The HDF5 file `relative`, read from its object as HDF5 asks (see READ_AHEAD)."""
+        # s3fs takes the object's size from the listing `names` made (fsspec's listings
+        # cache), so an open costs no HEAD request: measured, a row is 3 GETs in all.
         handle = storage.retrying(lambda: self.fs.open(
             self.path(relative), "rb", block_size=READ_AHEAD, cache_type="readahead"))
         try:
