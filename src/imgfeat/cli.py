@@ -128,6 +128,7 @@ def _add_search(commands) -> None:
     dedup.set_defaults(handler=run_dedup)
     serve = commands.add_parser("serve", help="a local web page to browse, search and dedup")
     serve.add_argument("out", metavar="OUT")
+    _add_storage_options(serve)
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only)")
@@ -184,7 +185,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from imgfeat.serve.app import serve
 
     serve(args.out, host=args.host, port=args.port, layer=args.layer,
-          threshold=args.threshold)
+          threshold=args.threshold, storage_options=args.storage_options)
     return 0
 
 
