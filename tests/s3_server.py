@@ -51,11 +51,13 @@ class S3:
 
 
 class ThrottlingProxy:
-    """Forwards to `target`; answers 503 SlowDown to every `every`-th GET of an object."""
+    """Forwards to `target`; answers 503 SlowDown to every `every`-th GET of an object (never
+    with `every=0`); `sent` counts the bytes of objects it passed on (GETs of an object)."""
 
     def __init__(self, target_port: int, every: int = 3):
         self.count = 0
         self.throttled = 0
+        self.sent = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -69,7 +71,7 @@ class ThrottlingProxy:
                 body = self.rfile.read(length) if length else None
                 if self.command == "GET" and "?" not in self.path:
                     proxy.count += 1
-                    if proxy.count % every == 0:
+                    if every and proxy.count % every == 0:
                         proxy.throttled += 1
                         message = (b"<Error><Code>SlowDown</Code><Message>Please reduce your "
                                    b"request rate.</Message></Error>")
@@ -84,6 +86,8 @@ class ThrottlingProxy:
                 connection.request(self.command, self.path, body=body, headers=headers)
                 answer = connection.getresponse()
                 data = answer.read()
+                if self.command == "GET" and "?" not in self.path:
+                    proxy.sent += len(data)
                 self.send_response(answer.status)
                 for name, value in answer.getheaders():
                     if name.lower() not in ("transfer-encoding", "connection", "content-length"):

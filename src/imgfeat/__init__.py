@@ -29,12 +29,9 @@ def open_store(path: str | os.PathLike, storage_options: dict | None = None):
     table of keys, features and errors."""
     from imgfeat.store.reader import Store
     from imgfeat.store.remote import open_for_reading
-    from imgfeat.store.storage import is_url
 
-    store = Store(open_for_reading(path, storage_options))
+    store = Store(open_for_reading(path, storage_options))  # shards read where they are
     store.storage_options = storage_options  # how the page reads the store's sources
-    if is_url(str(path)):
-        store.location = str(path)  # read from a local copy: name the URL
     return store
 
 

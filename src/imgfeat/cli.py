@@ -94,6 +94,7 @@ def _add_search(commands) -> None:
     index = commands.add_parser(
         "index", help="build the nearest-neighbour index of a store (faiss, in OUT/index)")
     index.add_argument("out", metavar="OUT")
+    _add_storage_options(index)
     index.add_argument("--layer", help="the layer to index, in a store of several")
     index.add_argument("--kind", default="auto", choices=("auto", "flat", "ivf"),
                        help="flat: exact; ivf: inverted file of 8-bit vectors; auto: flat up "
@@ -103,6 +104,7 @@ def _add_search(commands) -> None:
     search = commands.add_parser(
         "search", help="nearest images to query images, folders, URLs, keys, or --text")
     search.add_argument("out", metavar="OUT")
+    _add_storage_options(search)
     search.add_argument("queries", nargs="*", metavar="QUERY",
                         help="image file, folder of images, http(s) URL, or key of the store")
     search.add_argument("--text", action="append", help="a text query (CLIP stores); repeat")
@@ -113,6 +115,7 @@ def _add_search(commands) -> None:
     search.set_defaults(handler=run_search)
     dedup = commands.add_parser("dedup", help="groups of near-duplicate images")
     dedup.add_argument("out", metavar="OUT")
+    _add_storage_options(dedup)
     dedup.add_argument("--threshold", type=float, default=0.95,
                        help="cosine at or above which two images are duplicates (default 0.95)")
     dedup.add_argument("-o", "--groups", metavar="FILE",
@@ -125,6 +128,7 @@ def _add_search(commands) -> None:
     dedup.set_defaults(handler=run_dedup)
     serve = commands.add_parser("serve", help="a local web page to browse, search and dedup")
     serve.add_argument("out", metavar="OUT")
+    _add_storage_options(serve)
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only)")
@@ -136,9 +140,8 @@ def _add_search(commands) -> None:
 
 def run_index(args: argparse.Namespace) -> int:
     from imgfeat.search.index import build
-    from imgfeat.store.reader import Store
 
-    with Store(args.out) as store:
+    with _open_store(args) as store:
         meta = build(store, args.layer, args.kind,
                      say=(lambda _: None) if args.quiet else _say)
     detail = f", nprobe {meta['nprobe']} (recall@10 {meta['calibrated_recall_at_10']} " \
@@ -151,9 +154,8 @@ def run_index(args: argparse.Namespace) -> int:
 def run_search(args: argparse.Namespace) -> int:
     from imgfeat.search.api import Searcher
     from imgfeat.search.output import format_hits
-    from imgfeat.store.reader import Store
 
-    with Store(args.out) as store:
+    with _open_store(args) as store:
         searcher = Searcher(store, args.layer, "exact" if args.exact else "auto")
         results = searcher.search(args.queries, args.k, args.text)
         print(format_hits(results, args.format))
@@ -164,9 +166,8 @@ def run_dedup(args: argparse.Namespace) -> int:
     from imgfeat.search.api import Searcher
     from imgfeat.search.dedup import find_groups
     from imgfeat.search.output import summary, write_groups, write_keep_list
-    from imgfeat.store.reader import Store
 
-    with Store(args.out) as store:
+    with _open_store(args) as store:
         searcher = Searcher(store, args.layer)
         groups = find_groups(searcher, args.threshold,
                              say=None if args.quiet else _say)
@@ -184,7 +185,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from imgfeat.serve.app import serve
 
     serve(args.out, host=args.host, port=args.port, layer=args.layer,
-          threshold=args.threshold)
+          threshold=args.threshold, storage_options=args.storage_options)
     return 0
 
 
@@ -354,12 +355,15 @@ def run_whiten(args: argparse.Namespace) -> int:
         whitened = derive_store(
             store, layer, dest, lambda features: whitening.apply(features, l2=args.l2),
             {"whiten": whitening.describe(), "l2": args.l2, "layers": {layer: [args.dim]}},
-            overwrite=args.overwrite)
-    whitening.save(whitened.layout.root / "whitening.npz")
-    print(f"whitening of {len(whitened):,} features to {args.dim} dimensions -> "
-          f"{whitened.layout.root / 'whitening.npz'}; whitened store -> {whitened.layout.root}")
-    print(f"apply it while extracting: imgfeat extract ... --whiten "
-          f"{whitened.layout.root / 'whitening.npz'}{' --l2' if args.l2 else ''}")
+            overwrite=args.overwrite, files={"whitening.npz": whitening.to_bytes()},
+            storage_options=getattr(args, "storage_options", None))
+    where = whitened.location
+    saved = f"{where.rstrip('/')}/whitening.npz" if whitened.layout.remote else \
+        str(whitened.layout.root / "whitening.npz")
+    print(f"whitening of {len(whitened):,} features to {args.dim} dimensions -> {saved}; "
+          f"whitened store -> {where}")
+    print(f"apply it while extracting: imgfeat extract ... --whiten {saved}"
+          f"{' --l2' if args.l2 else ''}")
     return 0
 
 
@@ -425,7 +429,7 @@ def describe(store) -> str:
     m = store.manifest
     planned = store.planned_shards
     lines = [
-        f"store      {getattr(store, 'location', None) or store.layout.root}",
+        f"store      {store.location}",
         f"model      {store.model} (weights: {m['weights'].get('path') or m['weights']['kind']})",
         f"layers     {', '.join(store.layers)}  pool={m['pool']}"
         + (f" (p={m['gem_p']})" if m.get("gem_p") else "")
@@ -447,7 +451,7 @@ def describe(store) -> str:
         lines.append(f"skipped    {skipped:,} files of other types")
     for problem in store.plan_problems:
         lines.append(f"plan       {problem}: run the same extract command again to repair it")
-    if store.complete and not store.layout.features.exists():
+    if store.complete and store.layout.remote is None and not store.layout.features.exists():
         lines.append(f"missing    {store.layout.features.name}: run 'imgfeat finalize "
                      f"{store.layout.root}' to write it")
     if store.missing_shards:

@@ -32,7 +32,14 @@ from imgfeat.store.manifest import (
     write_manifest,
 )
 from imgfeat.store.reader import Store
-from imgfeat.store.remote import open_for_reading, open_layout, refresh
+from imgfeat.store.remote import (
+    log_name,
+    open_for_reading,
+    open_layout,
+    pull_log,
+    push_log,
+    refresh,
+)
 from imgfeat.store.run_lock import RunLock
 from imgfeat.store.storage import is_url
 from imgfeat.store.virtual import build_virtual_file
@@ -65,6 +72,7 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
         raise UsageError("--incremental runs on one node; drop --num-nodes for it")
     layout = open_layout(out, opts.storage_options)
     _check_folder(layout, opts, node)
+    pull_log(layout, log_name(node.rank))  # on object storage: the log of earlier runs
     lock = RunLock(layout, node.rank, node.run)
     try:
         if node.rank == 0 and layout.manifest.exists():  # refuse a busy store before any model
@@ -72,6 +80,7 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
         manifest, outcome, reporter = _run(layout, sources, opts, node, lock)
         _finish(layout, manifest, node, reporter, outcome)
     finally:
+        push_log(layout, log_name(node.rank))  # done or failed, the bucket's log says so
         lock.release()
     return Store(open_for_reading(out, opts.storage_options))
 
@@ -88,7 +97,7 @@ def _run(layout: Layout, sources: list[str], opts: ExtractOptions, node: Node,
         manifest = _open_locked(layout, identity, opts, node, lock)
         reporter.append_log(f"start: run {node.run}, node {node.rank} of {node.count}, "
                             f"{socket.gethostname()} pid {os.getpid()}: {', '.join(sources)} "
-                            f"-> {layout.root} ({identity['model']['spec']})")
+                            f"-> {layout.location} ({identity['model']['spec']})")
         outcome = _extract(engine, layout, manifest, sources, opts, node, reporter)
         finished = True
     except ImgfeatError as exc:

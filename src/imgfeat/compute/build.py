@@ -30,7 +30,7 @@ def build_extractor(opts, device: str, recorded: dict | None = None):
     if opts.whiten:
         from imgfeat.compute.whitening import load
 
-        whitening = load(opts.whiten)
+        whitening = load(opts.whiten, opts.storage_options)
     extractor = Extractor(model, layers, preprocess, device=device_,
                           precision=choice.precision, pool=opts.pool, l2=opts.l2,
                           dtype=opts.dtype, gem_p=opts.gem_p, scales=tuple(opts.scales),

@@ -9,6 +9,7 @@ learned from were L2-normalised (so the same normalisation is applied before pro
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +40,14 @@ class Whitening:
         return _unit(whitened) if l2 else whitened
 
     def save(self, path: str | Path) -> None:
-        with open(path, "wb") as handle:
-            np.savez(handle, mean=self.mean, projection=self.projection,
-                     input_l2=np.asarray(self.input_l2))
+        Path(path).write_bytes(self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        """The whitening as an .npz file's bytes (what `load` reads)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, mean=self.mean, projection=self.projection,
+                 input_l2=np.asarray(self.input_l2))
+        return buffer.getvalue()
 
     def digest(self) -> str:
         sha = hashlib.sha256()
@@ -111,12 +117,17 @@ class Moments:
         self.count = total
 
 
-def load(path: str | Path) -> Whitening:
+def load(path: str | Path, storage_options: dict | None = None) -> Whitening:
+    """A whitening file written by `imgfeat whiten`: a path, or a URL (s3://...)."""
+    from imgfeat.store import storage
+
     try:
-        with np.load(path) as data:
+        source = io.BytesIO(storage.read_bytes(str(path), storage_options)) \
+            if storage.is_url(str(path)) else path
+        with np.load(source) as data:
             return Whitening(data["mean"], data["projection"], bool(data["input_l2"]))
     except (OSError, KeyError, ValueError) as exc:
-        raise UsageError(f"cannot read whitening file {path}: {exc}") from None
+        raise UsageError(f"cannot read whitening file {path}: {storage.reason(exc)}") from None
 
 
 def _unit(features: np.ndarray) -> np.ndarray:

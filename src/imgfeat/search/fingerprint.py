@@ -13,7 +13,7 @@ from imgfeat.store.manifest import IDENTITY_FIELDS
 
 def fingerprint(store) -> str:
     manifest = store.manifest
-    shards = [(index, store.layout.shard_file(index).stat().st_size) for index in store.shards]
+    shards = [(index, store.layout.shard_size(index)) for index in store.shards]
     described = {"identity": {field: manifest.get(field) for field in IDENTITY_FIELDS},
                  "created": manifest.get("created"), "shards": shards}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]

@@ -69,7 +69,7 @@ def create_app(store, layer: str | None = None, threshold: float = 0.95):
 
     @app.get("/api/info")
     def info() -> dict:
-        return {"root": str(store.layout.root), "rows": len(store), "model": store.model,
+        return {"root": store.location, "rows": len(store), "model": store.model,
                 "layer": state.searcher.layer, "errors": len(store.errors),
                 "text": text_capable(store, state.searcher.layer), "search": state.searcher.method,
                 "threshold": threshold}
@@ -153,14 +153,15 @@ def create_app(store, layer: str | None = None, threshold: float = 0.95):
 
 
 def serve(out: str, host: str = "127.0.0.1", port: int = 8765, layer: str | None = None,
-          threshold: float = 0.95) -> None:
+          threshold: float = 0.95, storage_options: dict | None = None) -> None:
+    """Serve the store `out` (a folder, or a URL read with `storage_options`)."""
     uvicorn = need("uvicorn")
-    from imgfeat.store.reader import Store
+    from imgfeat import open_store
 
     if host not in LOCAL_HOSTS:
         print(f"imgfeat: warning: serving on {host}: anyone who can reach this machine on "
               f"port {port} can see the images of {out}", file=sys.stderr)
-    with Store(out) as store:
+    with open_store(out, storage_options) as store:
         app = create_app(store, layer, threshold)
         print(f"imgfeat: serving {out} on http://{_url_host(host)}:{port}/ (Ctrl-C stops)",
               file=sys.stderr, flush=True)

@@ -43,6 +43,33 @@ class Layout:
     def shard_file(self, index: int) -> Path:
         return self.shards_dir / f"shard-{index:06d}.h5"
 
+    def open_shard(self, index: int):
+        """Shard `index` open for reading (an h5py.File): the file, or on object storage its
+        object, read range by range as HDF5 asks (store/remote.py, `open_h5`)."""
+        if self.remote is not None:
+            return self.remote.open_h5(self._relative(self.shard_file(index)))
+        from imgfeat.store.shard_cache import open_h5  # h5py: not for every user of paths
+
+        return open_h5(self.shard_file(index))
+
+    def shard_stamp(self, index: int) -> str:
+        """What changes when shard `index` is replaced: its size and modification time (on
+        object storage, its size and ETag)."""
+        if self.remote is not None:
+            from imgfeat.store.remote import stamp
+
+            return stamp(self.remote.info(self._relative(self.shard_file(index))))
+        info = os.stat(self.shard_file(index))
+        return f"{info.st_size}:{info.st_mtime_ns}"
+
+    def shard_size(self, index: int) -> int:
+        if self.remote is not None:
+            return int(self.remote.info(self._relative(self.shard_file(index)))["size"])
+        return self.shard_file(index).stat().st_size
+
+    def _relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
     @property
     def location(self) -> str:
         """Where the output is, as a user named it: the URL, or the folder."""

@@ -20,17 +20,24 @@ class Store:
     """An output folder: `len(store)`, `store.keys`, `store.features()`, `store.errors`,
     and `store[key]` for one image's features."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.layout = Layout(path)
+    def __init__(self, path: str | os.PathLike | Layout):
+        """`path`: a folder, or the `Layout` of a store on object storage (whose shards are
+        read from the bucket: `imgfeat.open_store`, store/remote.py)."""
+        self.layout = path if isinstance(path, Layout) else Layout(path)
         manifest = read_manifest(self.layout)
         if manifest is None:
-            raise UsageError(f"{path} is not an imgfeat output folder (no manifest.json)")
+            raise UsageError(f"{self.location} is not an imgfeat output folder (no manifest.json)")
         self.manifest = manifest
         self.shards = sorted(self.layout.committed())
-        self._files = ShardCache(self.layout.shard_file)
+        self._files = ShardCache(self.layout.open_shard)
+
+    @property
+    def location(self) -> str:
+        """Where the store is, as a user names it: its folder or its URL."""
+        return self.layout.location
 
     def __repr__(self) -> str:
-        return (f"Store({str(self.layout.root)!r}, rows={len(self)}, errors={self.error_count}, "
+        return (f"Store({self.location!r}, rows={len(self)}, errors={self.error_count}, "
                 f"model={self.model!r}, layers={self.layers!r})")
 
     @property
@@ -120,7 +127,7 @@ class Store:
 
     @cached_property
     def _index(self) -> RowIndex:
-        return RowIndex(self.layout.row_index, self.layout.shard_file, self._shard)
+        return RowIndex(self.layout.row_index, self.layout.shard_stamp, self._shard)
 
     @cached_property
     def _counts(self) -> dict[int, tuple[int, int]]:
@@ -128,7 +135,7 @@ class Store:
         features (another run's identity digest) is refused."""
         counts = self._index.counts(self.shards)
         if foreign := self._index.foreign(self.shards, identity_digest(self.manifest)):
-            raise UsageError(f"{self.layout.root}: shards {ranges(foreign)} hold features of "
+            raise UsageError(f"{self.location}: shards {ranges(foreign)} hold features of "
                              "another run (their identity differs from the manifest's); "
                              "remove them and run the same extract command again")
         return counts
@@ -315,7 +322,7 @@ class Keys(Sequence):
         return len(self) == len(other) and all(a == b for a, b in zip(self, other))
 
     def __repr__(self) -> str:
-        return f"<{len(self)} keys of {self._store.layout.root}>"
+        return f"<{len(self)} keys of {self._store.location}>"
 
 
 class Features:

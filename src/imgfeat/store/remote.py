@@ -10,6 +10,12 @@ machine's copy of the store's plan, made again from the bucket when a run starts
 A run's lock (`store/run_lock.py`) guards the staging folder, that is one machine: object
 storage has no lock a run could take, so two machines must not run on one output URL at once
 unless they are nodes of one run (`--num-nodes`, or Ray's actors).
+
+Reading (`open_for_reading`) downloads only the small files (manifest, plan files, a
+whitening): shards are read from the bucket on demand, range by range (`Remote.open_h5`),
+and the reader's row index lives in a local cache folder, its shards stamped with their
+objects' size and ETag (`Remote.info`). A store may be hundreds of GB; reading a row costs
+about one chunk of its shard (see READ_AHEAD).
 """
 
 from __future__ import annotations
@@ -18,14 +24,31 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
+
+import h5py
 
 from imgfeat.errors import UsageError
 from imgfeat.store import storage
 from imgfeat.store.layout import Layout
 
 _OWN = ("manifest.json", "plan", "shards")
+LOG = "imgfeat.log"  # uploaded when a run ends; kept by --overwrite, as in a local folder
+_KEPT = (LOG, "whitening.npz")  # ours too, though --overwrite leaves them: not foreign
+
+# Shards are read on demand through fsspec's read-ahead cache: a read it does not hold is one
+# ranged GET of what HDF5 asked for plus READ_AHEAD bytes. HDF5 asks for whole chunks of
+# features (about 1 MiB: store/writer.py, CHUNK_BYTES) and for small pieces of metadata
+# (object headers, B-tree nodes) that its own cache keeps; so a chunk costs one GET, and a
+# shard's row counts (the row index) two small ones. Measured on a 17 MB shard of 4,000 rows
+# (moto): counts 2 GETs, 0.26 MB; one row 2 GETs, 1.3 MB; a full scan 20 GETs, 17.4 MB.
+# Fixed blocks fetch more: 1 MiB blocks cost 2.1 MB for the counts and 3.2 MB for a row;
+# 256 KiB blocks cut a chunk into 4 GETs one after another. s3fs's default (50 MiB ahead)
+# would download a whole shard for one row. Memory: one buffer of a chunk or so per open
+# shard, 32 open at most (store/shard_cache.py).
+READ_AHEAD = 128 << 10
 
 
 def staging_folder(url: str, purpose: str = "run") -> Path:
@@ -44,6 +67,7 @@ class Remote:
         self.options = storage_options
         self.fs, self.root = storage.filesystem(self.url, storage_options)
         self.root = self.root.rstrip("/")
+        self._listed: dict[str, dict[str, dict]] = {}  # folder: {name: its last listed info}
 
     def path(self, relative: str) -> str:
         return f"{self.root}/{relative}"
@@ -66,10 +90,30 @@ class Remote:
         """Names directly in `folder` (relative), [] when there is none."""
         where = self.path(folder) if folder else self.root
         try:
-            found = storage.retrying(lambda: self.fs.ls(where, detail=False, refresh=True))
+            found = storage.retrying(lambda: self.fs.ls(where, detail=True, refresh=True))
         except FileNotFoundError:
-            return []
-        return sorted(name.rstrip("/").rsplit("/", 1)[-1] for name in found)
+            found = []
+        listed = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in found}
+        self._listed[folder] = listed  # one listing gives every shard's stamp (`info`)
+        return sorted(listed)
+
+    def info(self, relative: str) -> dict:
+        """What the last listing of its folder said of an object (else the bucket now)."""
+        folder, _, name = relative.rpartition("/")
+        entry = self._listed.get(folder, {}).get(name)
+        return entry or storage.retrying(lambda: self.fs.info(self.path(relative)))
+
+    def open_h5(self, relative: str) -> h5py.File:
+        """The HDF5 file `relative`, read from its object as HDF5 asks (see READ_AHEAD)."""
+        # s3fs takes the object's size from the listing `names` made (fsspec's listings
+        # cache), so an open costs no HEAD request (measured: open and read a row, 3 GETs).
+        handle = storage.retrying(lambda: self.fs.open(
+            self.path(relative), "rb", block_size=READ_AHEAD, cache_type="readahead"))
+        try:
+            return _ObjectFile(handle)
+        except BaseException:
+            handle.close()
+            raise
 
     def check(self) -> None:
         """A bucket that does not exist, or that the credentials cannot reach, is refused
@@ -82,7 +126,8 @@ class Remote:
 
     def holds_foreign(self) -> bool:
         """Whether the prefix holds anything but an imgfeat store's own files."""
-        return any(name not in _OWN for name in self.names())
+        return any(name not in _OWN + _KEPT and not _is_node_log(name)
+                   for name in self.names())
 
     def remove_own(self) -> None:
         for name in _OWN:
@@ -98,10 +143,31 @@ class Remote:
         return json.loads(data)
 
 
-def pull(remote: Remote, root: Path) -> None:
+class _ObjectFile(h5py.File):
+    """An HDF5 file read through an fsspec file object, which it closes when it closes."""
+
+    def __init__(self, handle):
+        super().__init__(handle, "r")
+        self._handle = handle
+
+    def close(self) -> None:
+        super().close()
+        self._handle.close()
+
+
+def stamp(info: dict) -> str:
+    """An object's size and version, as the row index records a shard's (store/row_index.py):
+    the ETag where the service gives one, else its modification time."""
+    version = next((info[field] for field in ("ETag", "etag", "LastModified", "last_modified",
+                                              "updated", "mtime") if info.get(field)), "")
+    return f"{info.get('size')}:{version}"
+
+
+def pull(remote: Remote, root: Path, reading: bool = False) -> None:
     """Make the staging folder the bucket's store: its manifest and plan files (shards stay
     in the bucket). A staging folder of another store (one replaced since) is emptied first;
-    plan files committed here but not yet uploaded (a run killed in between) are uploaded."""
+    plan files committed here but not yet uploaded (a run killed in between) are uploaded,
+    or, for a reader's cache (`reading`), removed."""
     recorded = remote.manifest()
     local = root / "manifest.json"
     if recorded is None or not local.exists() or \
@@ -118,7 +184,10 @@ def pull(remote: Remote, root: Path) -> None:
         if name.endswith(".jsonl"):
             remote.fetch(f"plan/{name}", plan / name)
     for name in sorted(here - there):
-        remote.publish(plan / name, f"plan/{name}")
+        if reading:
+            (plan / name).unlink()
+        else:
+            remote.publish(plan / name, f"plan/{name}")
 
 
 REFRESH_S = 1.0  # how often a node that follows another's plan asks the bucket for news
@@ -138,16 +207,6 @@ def refresh(layout: Layout) -> None:
         if name.startswith("shard-") and name.endswith(".jsonl") and number.isdigit() \
                 and int(number) not in here:
             remote.fetch(f"plan/{name}", layout.plan_dir / name)
-
-
-def pull_all(remote: Remote, root: Path) -> None:
-    """The whole store, shards too, for reading it here."""
-    pull(remote, root)
-    shards = root / "shards"
-    here = {p.name for p in shards.glob("shard-*.h5")} if shards.is_dir() else set()
-    for name in remote.names("shards"):
-        if name.endswith(".h5") and name not in here:
-            remote.fetch(f"shards/{name}", shards / name)
 
 
 def _empty(root: Path) -> None:
@@ -174,13 +233,50 @@ def open_layout(out: str | os.PathLike, storage_options: dict | None = None,
     return Layout(root, remote)
 
 
-def open_for_reading(out: str | os.PathLike, storage_options: dict | None = None) -> Path:
-    """A local folder holding the store `out` (a URL's store downloaded to a cache)."""
+def open_for_reading(out: str | os.PathLike, storage_options: dict | None = None) -> Layout:
+    """The layout of the store `out` for reading: its folder, or for a URL a local cache of
+    its small files and row index, whose shards are read from the bucket on demand."""
     if not storage.is_url(str(out)):
-        return Path(out)
+        return Layout(Path(out))
     remote = Remote(str(out), storage_options)
-    if remote.manifest() is None:
+    try:
+        manifest = remote.manifest()
+    except Exception as exc:  # no access, a bad endpoint: the user's to fix
+        raise UsageError(f"cannot read {out}: {storage.reason(exc)}") from None
+    if manifest is None:
         raise UsageError(f"{out} holds no imgfeat store (no manifest.json)")
     root = staging_folder(remote.url, "read")
-    pull_all(remote, root)
-    return root
+    pull(remote, root, reading=True)
+    shutil.rmtree(root / "shards", ignore_errors=True)  # whole shards older versions fetched
+    whitening = root / "whitening.npz"  # search embeds queries with it (search/query.py)
+    whitening.unlink(missing_ok=True)
+    if manifest.get("whiten"):
+        remote.fetch("whitening.npz", whitening)
+    return Layout(root, remote)
+
+
+def log_name(rank: int) -> str:
+    """The bucket's name of a node's run log: each node of a run stages its own."""
+    return LOG if rank == 0 else f"imgfeat-node{rank}.log"
+
+
+def _is_node_log(name: str) -> bool:
+    return name.startswith("imgfeat-node") and name.endswith(".log")
+
+
+def push_log(layout: Layout, name: str = LOG) -> None:
+    """Upload a remote output's run log from staging, so the bucket tells how runs went; a
+    failed upload is a warning, as the run's own outcome matters more."""
+    if layout.remote is None or not layout.log.exists():
+        return
+    try:
+        layout.remote.publish(layout.log, name)
+    except Exception as exc:
+        print(f"imgfeat: warning: could not upload {name} to {layout.location}: "
+              f"{storage.reason(exc)}", file=sys.stderr)
+
+
+def pull_log(layout: Layout, name: str = LOG) -> None:
+    """Continue the bucket's run log (written by runs on other machines too), if it has one."""
+    if layout.remote is not None:
+        layout.remote.fetch(name, layout.log)

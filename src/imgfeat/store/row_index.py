@@ -7,14 +7,15 @@ survives a crash mid-update (a transaction per shard), and several readers may s
 plan's key index (`plan/keys.sqlite`) is the same kind of file.
 
 A shard is immutable once committed, but `--overwrite` replaces a store's shards: each indexed
-shard is recorded with its file's size and modification time and indexed again if either
-changed. A folder that cannot be written (a read-only copy, a full disk) gets a private index
-in a temporary file that lives as long as the reader."""
+shard is recorded with a stamp of its file (size and modification time; for an object, size
+and ETag: `Layout.shard_stamp`) and indexed again if it changed. A folder that cannot be
+written (a read-only copy, a full disk) gets a private index in a temporary file that lives
+as long as the reader. A store on object storage keeps its index in this machine's cache
+folder for it (store/remote.py, `open_for_reading`)."""
 
 from __future__ import annotations
 
 import functools
-import os
 import sqlite3
 import tempfile
 import threading
@@ -32,11 +33,6 @@ KEY_BATCH = 65_536
 COMMIT_KEYS = 1_000_000
 
 
-def stamp(path: Path) -> str:
-    info = os.stat(path)
-    return f"{info.st_size}:{info.st_mtime_ns}"
-
-
 def _serialised(method):
     """One call at a time: a Store may be read from several threads (the page's server)."""
     @functools.wraps(method)
@@ -47,13 +43,13 @@ def _serialised(method):
 
 
 class RowIndex:
-    """`counts(shards)` and `find(key)` over the shards `shard_file(i)` of one store; shards
-    are read through `open_shard(i)` (the reader's cache of open files). Safe to share
-    between threads."""
+    """`counts(shards)` and `find(key)` over the shards of one store, stamped by
+    `stamp_of(i)` and read through `open_shard(i)` (the reader's cache of open files). Safe to
+    share between threads."""
 
-    def __init__(self, path: Path, shard_file: Callable[[int], Path],
+    def __init__(self, path: Path, stamp_of: Callable[[int], str],
                  open_shard: Callable[[int], h5py.File]):
-        self._shard_file, self._open_shard = shard_file, open_shard
+        self._stamp_of, self._open_shard = stamp_of, open_shard
         self._private: tempfile.TemporaryDirectory | None = None
         self._stamps: dict[int, str] = {}
         self._all_keyed = False  # set once every shard of this reader's store is keyed
@@ -151,7 +147,7 @@ class RowIndex:
 
     def _stamp(self, index: int) -> str:
         if index not in self._stamps:
-            self._stamps[index] = stamp(self._shard_file(index))
+            self._stamps[index] = self._stamp_of(index)
         return self._stamps[index]
 
     @_serialised

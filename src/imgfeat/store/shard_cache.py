@@ -15,7 +15,6 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
 
 import h5py
 
@@ -36,12 +35,14 @@ def open_h5(path: str | os.PathLike, mode: str = "r") -> h5py.File:
 
 
 class ShardCache:
-    """`get(index)` is the open shard `index`; `path_of(index)` says where it lives."""
+    """`get(index)` is the open shard `index`, opened by `open_shard(index)` (a file, or an
+    object on object storage: `Layout.open_shard`)."""
 
-    def __init__(self, path_of: Callable[[int], Path], capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, open_shard: Callable[[int], h5py.File],
+                 capacity: int = DEFAULT_CAPACITY):
         if capacity < 1:
             raise ValueError("a shard cache holds at least one file")
-        self._path_of, self._capacity = path_of, capacity
+        self._open_shard, self._capacity = open_shard, capacity
         self._open: OrderedDict[int, h5py.File] = OrderedDict()
         self._lock = threading.Lock()  # a Store may be read from several threads
 
@@ -53,7 +54,7 @@ class ShardCache:
                 return handle
             while len(self._open) >= self._capacity:
                 self._open.popitem(last=False)[1].close()
-            handle = self._open[index] = open_h5(self._path_of(index))
+            handle = self._open[index] = self._open_shard(index)
             return handle
 
     def __len__(self) -> int:

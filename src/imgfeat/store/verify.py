@@ -14,7 +14,6 @@ from imgfeat.plan.shards import read_shard_items
 from imgfeat.store.layout import feature_datasets
 from imgfeat.store.manifest import identity_digest
 from imgfeat.store.reader import Store
-from imgfeat.store.shard_cache import open_h5
 
 MAX_DUPLICATES_SHOWN = 3
 
@@ -59,7 +58,7 @@ def _check_shard(store: Store, index: int, seen: _KeyOwners) -> Iterator[str]:
     name = f"shard {index} ({store.layout.shard_file(index).name})"
     datasets = feature_datasets(store.layers)
     try:
-        with open_h5(store.layout.shard_file(index)) as shard:
+        with store.layout.open_shard(index) as shard:
             identity = shard.attrs.get("identity")
             keys = shard["keys"].asstr()[:].tolist()
             error_keys = shard["errors/keys"].asstr()[:].tolist()

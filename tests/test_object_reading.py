@@ -1,0 +1,176 @@
+"""Stores on a real S3-compatible server (moto's standalone server, s3fs) read where they are:
+open_store, info, verify, export, index, search and whiten read shards from the bucket on
+demand, never a download of the store; whiten writes to a URL; every run's log, done or
+refused, reaches the bucket."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import FAST
+from s3_server import S3, ThrottlingProxy
+from tiny_store import tiny_manifest
+
+import imgfeat
+from imgfeat.cli import main
+from imgfeat.compute.whitening import load
+from imgfeat.plan.shards import write_shard_items
+from imgfeat.sources import Item
+from imgfeat.store.layout import Layout
+from imgfeat.store.manifest import identity_digest, write_manifest
+from imgfeat.store.writer import ShardWriter
+
+SETTINGS = [*FAST, "--dtype", "float32", "--shard-size", "4", "--devices", "cpu:1"]
+URL = "s3://feats/run"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3()
+    server.bucket("feats")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def staging(tmp_path_factory):
+    """This module's staging and read caches, where the tests can look into them."""
+    folder = tmp_path_factory.mktemp("staging")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IMGFEAT_STAGING", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def runs(s3, many, tmp_path_factory):
+    """The same run to a local folder and to the bucket."""
+    local = tmp_path_factory.mktemp("local") / "out"
+    assert main(["extract", str(many), "-o", str(local), *SETTINGS]) == 0
+    assert main(["extract", str(many), "-o", URL, "--storage-options",
+                 json.dumps(s3.options()), *SETTINGS]) == 0
+    return local
+
+
+def cli(s3, *args) -> int:
+    return main([*args, "--storage-options", json.dumps(s3.options())])
+
+
+def test_an_s3_store_reads_as_the_local_run_with_no_shard_on_disk(s3, runs, staging):
+    local = imgfeat.open_store(runs)
+    with imgfeat.open_store(URL, storage_options=s3.options()) as remote:
+        assert remote.location == URL and len(remote.shards) == 10
+        assert remote.keys == local.keys and remote.errors == local.errors
+        np.testing.assert_array_equal(np.asarray(remote.features()),
+                                      np.asarray(local.features()))
+        key = local.keys[21]
+        np.testing.assert_array_equal(remote[key], local[key])
+    assert not list(staging.rglob("*.h5"))  # shards were read from the bucket, not fetched
+    assert list(staging.glob("read-*/index/rows.sqlite"))  # the row index is kept here
+
+
+def wide_store(root, shards: int, rows: int, dim: int) -> int:
+    """A store of big shards written by the shard writer (no model); its size in bytes."""
+    layout = Layout(root)
+    manifest = {**tiny_manifest([rows] * shards), "layers": {"pooled": [dim]}}
+    write_manifest(layout, manifest)
+    layout.plan_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(shards):
+        keys = [f"s{index}/{r}.jpg" for r in range(rows)]
+        write_shard_items(layout, index, [Item(k, "/nowhere/" + k) for k in keys])
+        writer = ShardWriter(layout, index, {"pooled": (dim,)}, "float32", rows,
+                             identity=identity_digest(manifest))
+        writer.add_rows(keys, {"pooled": rng.normal(size=(rows, dim)).astype(np.float32)})
+        writer.commit()
+    return sum(layout.shard_file(i).stat().st_size for i in range(shards))
+
+
+def test_reading_one_row_fetches_a_small_part_of_the_store(s3, tmp_path, monkeypatch):
+    size = wide_store(tmp_path / "wide", shards=4, rows=1000, dim=1024)  # 4 x 4 MB
+    s3.fs().put(str(tmp_path / "wide"), "feats/wide", recursive=True)
+    monkeypatch.setenv("IMGFEAT_STAGING", str(tmp_path / "cold"))  # no cache of it here
+    local = imgfeat.open_store(tmp_path / "wide")
+    proxy = ThrottlingProxy(s3.port, every=0)  # counts the bytes of objects it passes on
+    try:
+        options = s3.options(proxy.endpoint, skip_instance_cache=True)
+        with imgfeat.open_store("s3://feats/wide", storage_options=options) as remote:
+            row = remote.features()[2500]  # every shard's row count, then one chunk
+            np.testing.assert_array_equal(row, local.features()[2500])
+            first = proxy.sent
+            assert remote.keys[3999] == "s3/999.jpg"
+    finally:
+        proxy.stop()
+    assert first < size / 4, (first, size)  # measured: 1.9 MB of 17.0 MB
+
+
+def test_info_export_index_and_search_read_an_s3_store(s3, runs, tmp_path, capsys):
+    capsys.readouterr()
+    assert cli(s3, "info", URL) == 0
+    out = capsys.readouterr().out
+    assert f"store      {URL}" in out and "features.h5" not in out
+    assert cli(s3, "export", URL, "--to", "npy", str(tmp_path / "npy"), "--quiet") == 0
+    exported = np.load(tmp_path / "npy" / "img_emb" / "img_emb_0.npy")
+    np.testing.assert_array_equal(exported, np.asarray(imgfeat.open_store(runs).features()))
+    assert cli(s3, "index", URL, "--quiet") == 0
+    key = imgfeat.open_store(runs).keys[7]
+    capsys.readouterr()
+    assert cli(s3, "search", URL, key, "-k", "1", "--format", "json") == 0
+    assert json.loads(capsys.readouterr().out)[0]["results"][0]["key"] == key
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_verify_on_s3_catches_a_damaged_shard(s3, runs, damage, capsys):
+    fs = s3.fs()
+    target = f"feats/damaged-{damage}"
+    fs.copy("feats/run", target, recursive=True)
+    url = f"s3://{target}"
+    assert cli(s3, "verify", url) == 0  # read once: the row index knows the good shard
+    shard = f"{target}/shards/shard-000003.h5"
+    data = fs.cat_file(shard)
+    fs.pipe(shard, data[: len(data) // 2] if damage == "truncated"
+            else b"\0" * 4096 + data[4096:])
+    capsys.readouterr()
+    assert cli(s3, "verify", url) == 1
+    out = capsys.readouterr().out
+    assert "shard 3 (shard-000003.h5) is unreadable" in out and "1 problem(s)" in out
+
+
+def test_whiten_writes_to_s3(s3, runs, capsys):
+    dest = "s3://feats/whitened"
+    assert cli(s3, "whiten", URL, "--dim", "8", "-o", dest, "--l2") == 0
+    assert f"whitened store -> {dest}" in capsys.readouterr().out
+    whitened = imgfeat.open_store(dest, storage_options=s3.options())
+    source = imgfeat.open_store(runs)
+    assert whitened.feature_shape == (8,) and whitened.keys == source.keys
+    assert whitened.manifest["derived_from"] == URL
+    whitening = load(f"{dest}/whitening.npz", s3.options())
+    np.testing.assert_allclose(np.asarray(whitened.features()),
+                               whitening.apply(np.asarray(source.features()), l2=True),
+                               atol=1e-5)
+    assert cli(s3, "verify", dest) == 0
+    assert cli(s3, "whiten", URL, "--dim", "8", "-o", dest) == 2  # there already
+    assert "not empty" in capsys.readouterr().err
+    assert cli(s3, "whiten", URL, "--dim", "4", "-o", dest, "--overwrite") == 0
+    assert imgfeat.open_store(dest, storage_options=s3.options()).feature_shape == (4,)
+
+
+def test_the_run_log_reaches_the_bucket_done_or_refused(s3, runs, many):
+    fs = s3.fs()
+    log = fs.cat_file("feats/run/imgfeat.log").decode()
+    assert "start: run" in log and f"-> {URL}" in log and "done:" in log
+    assert cli(s3, "extract", str(many), "-o", URL, *SETTINGS, "--image-size", "32") == 2
+    log = fs.cat_file("feats/run/imgfeat.log").decode()
+    assert "done:" in log and "error:" in log and "already holds different features" in log
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "s3://feats/nothing"], "s3://feats/nothing holds no imgfeat store"),
+    (["verify", "s3://no-such-bucket/feats"], "holds no imgfeat store"),
+    (["whiten", URL, "--dim", "8", "-o", "s3://no-such-bucket/w"],
+     "cannot write output s3://no-such-bucket/w"),
+])
+def test_mistakes_on_s3_are_one_line(s3, runs, argv, message, capsys):
+    capsys.readouterr()
+    assert cli(s3, *argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
