@@ -242,3 +242,36 @@ def test_a_second_run_on_a_folder_in_use_is_refused(listing, tmp_path, capsys):
     assert len(imgfeat.open_store(out).shards) == 6  # nothing was deleted
     assert main(extract_args(listing, out, "--num-nodes", "2", "--node-rank", "1")) == 0
     assert imgfeat.open_store(out).complete
+
+
+@pytest.fixture(scope="module")
+def with_others(tmp_path_factory) -> Path:
+    """24 real images in two folders, and 5 files of other types on both sides of where a
+    walk killed after two shards resumes (part0/img014.jpg)."""
+    folder = make_many(tmp_path_factory.mktemp("others"), 24)
+    for name in ("part0/a.txt", "part0/b.md", "part1/notes.txt", "part1/zz.csv", "top.txt"):
+        (folder / name).write_text("not an image\n")
+    return folder
+
+
+@pytest.mark.parametrize("faults", ["plan:2=kill", "tally:2=kill", "tally-temp:3=kill"])
+def test_files_of_other_types_are_all_counted_after_a_resumed_walk(with_others, tmp_path,
+                                                                    faults, capsys):
+    """The resumed walk starts after the last planned key, so it cannot see the files before
+    it: their count comes from the plan folder. Whichever instant the run died at."""
+    out = tmp_path / "out"
+    stopped(run(extract_args(with_others, out), faults), KILLED)
+    finished(run(extract_args(with_others, out)), out)
+    assert json.loads((out / "manifest.json").read_text())["plan"]["skipped"] == 5
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "skipped    5 files of other types" in capsys.readouterr().out
+
+
+def test_a_plan_without_the_count_is_walked_again_and_counts_all(with_others, tmp_path):
+    """A store planned before the count was recorded: no seek, the walk counts every file."""
+    out = tmp_path / "out"
+    stopped(run(extract_args(with_others, out), "plan:3=kill"), KILLED)
+    (out / "plan" / "skipped.json").unlink()
+    finished(run(extract_args(with_others, out)), out)
+    assert json.loads((out / "manifest.json").read_text())["plan"]["skipped"] == 5

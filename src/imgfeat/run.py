@@ -16,7 +16,13 @@ from imgfeat.errors import ImgfeatError, UsageError
 from imgfeat.options import ExtractOptions
 from imgfeat.plan.nodes import Node, NodeSlice
 from imgfeat.plan.shard_stream import FixedStream, FollowerStream, PlannerStream
-from imgfeat.plan.shards import Shard, last_planned_key, plan_shards, recorded_shards
+from imgfeat.plan.shards import (
+    Shard,
+    last_planned_key,
+    plan_shards,
+    recorded_shards,
+    recorded_skipped,
+)
 from imgfeat.report.progress import Reporter
 from imgfeat.report.stage_times import StageTimes
 from imgfeat.sources import check_sources, iter_items
@@ -243,11 +249,14 @@ def _shard_stream(layout: Layout, manifest: dict, sources: list[str], opts: Extr
     # again (an incremental walk must see every key, old ones included).
     options = source_options(opts)
     after = None if incremental else last_planned_key(layout, recorded)
-    if after is not None and not can_resume_after(sources, after, options):
-        after = None
+    skipped = recorded_skipped(layout, len(recorded)) if after is not None else None
+    if skipped is None or not can_resume_after(sources, after, options):
+        after = None  # walked again from the start, which also counts every skipped file
+    else:
+        tally.skipped = skipped  # those before `after`, which the walk will not see
     planner = plan_shards(iter_items(sources, options, tally, after=after), layout,
                           opts.shard_size, recorded, skip_known=incremental,
-                          seeked=after is not None)
+                          seeked=after is not None, tally=tally)
     return PlannerStream(planner, known=recorded)
 
 

@@ -27,6 +27,9 @@ class Shard:
     count: int
 
 
+SKIPPED_FILE = "skipped.json"  # in plan/: files the walk skipped for their type, so far
+
+
 def write_shard_items(layout: Layout, index: int, items: list[Item]) -> None:
     lines = [json.dumps(item.to_json()) for item in items]
     write_atomic(layout.plan_file(index), ("\n".join(lines) + "\n").encode())
@@ -41,6 +44,28 @@ def read_shard_items(layout: Layout, index: int) -> list[Item]:
     except OSError as exc:
         raise UsageError(f"plan of shard {index} is unreadable: {exc}") from None
     return [Item.from_json(json.loads(line)) for line in text.splitlines() if line]
+
+
+def record_skipped(layout: Layout, shards: int, skipped: int) -> None:
+    """Record how many files the walk skipped for their type up to the end of the first
+    `shards` shards. Written before that plan file, and keeping the count before it too, so
+    that whichever instant a run dies at, the count at its last plan file's end is there."""
+    counts = _skipped_counts(layout)
+    kept = {str(shards - 1): counts[str(shards - 1)]} if str(shards - 1) in counts else {}
+    write_atomic(layout.plan_dir / SKIPPED_FILE,
+                 json.dumps({**kept, str(shards): skipped}).encode())
+
+
+def recorded_skipped(layout: Layout, shards: int) -> int | None:
+    """The files skipped up to the end of the first `shards` shards, if recorded."""
+    return _skipped_counts(layout).get(str(shards))
+
+
+def _skipped_counts(layout: Layout) -> dict[str, int]:
+    try:
+        return json.loads((layout.plan_dir / SKIPPED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or a store written before the count was recorded
 
 
 def last_planned_key(layout: Layout, already: list[Shard]) -> str | None:
@@ -74,14 +99,16 @@ def count_shard_items(layout: Layout, index: int) -> int:
 
 def plan_shards(
     items: Iterable[Item], layout: Layout, shard_size: int, already: list[Shard],
-    skip_known: bool = False, seeked: bool = False,
+    skip_known: bool = False, seeked: bool = False, tally=None,
 ) -> Iterator[Shard]:
     """Write and yield the shards after `already` (those recorded before).
 
     Without `skip_known`, the walk is a resumed one: its first items are those of `already`
     and are skipped. With it (incremental runs), items whose key is already planned are
     skipped wherever they are, and only new keys make new shards. With `seeked`, `items`
-    start after the recorded ones already (sources.iter_items with `after`).
+    start after the recorded ones already (sources.iter_items with `after`). With `tally`
+    (the walk's count of files skipped for their type), the count up to each shard's end is
+    recorded before its plan file, so that a walk resumed after it can start from it.
     """
     rebuild = bool(already) and not layout.key_index.exists()  # a fresh staging folder
     index = KeyIndex(layout.key_index)
@@ -101,6 +128,8 @@ def plan_shards(
             batch = [item if new or item.error else
                      item.failed("duplicate key: an earlier item has the same key")
                      for item, new in zip(batch, fresh)]
+            if tally is not None:
+                record_skipped(layout, number + 1, tally.skipped)
             write_shard_items(layout, number, batch)
             index.commit()  # after the plan file: a crash in between re-adds on resume
             yield Shard(number, len(batch))

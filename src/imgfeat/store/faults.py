@@ -57,6 +57,8 @@ def kind_of(final: Path) -> str:
     """The kind of a file an output folder commits, from where it lives."""
     if final.name in ("manifest.json", "features.h5"):
         return final.stem
+    if final.name == "skipped.json":
+        return "tally"
     if final.parent.name == "plan":
         return "plan"
     if final.parent.name == "shards":

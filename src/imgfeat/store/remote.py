@@ -181,7 +181,7 @@ def pull(remote: Remote, root: Path, reading: bool = False) -> None:
     there = set(remote.names("plan"))
     here = {p.name for p in plan.glob("shard-*.jsonl")} if plan.is_dir() else set()
     for name in sorted(there - here):
-        if name.endswith(".jsonl"):
+        if name.endswith(".jsonl") or name == "skipped.json":  # not the key index
             remote.fetch(f"plan/{name}", plan / name)
     for name in sorted(here - there):
         if reading:
