@@ -232,6 +232,13 @@ def probes(run: Acceptance, corpus: Path) -> list[tuple]:
     return [
         ("probe: imgfeat --decode cpu on threads", 60, False, "cpu",
          lambda: imgfeat_line(run, corpus, "--decode", "cpu", env=threads)),
+        ("probe: imgfeat --decode cpu, chunks of 32", 40, False, "cpu",
+         lambda: imgfeat_line(run, corpus, "--decode", "cpu",
+                              env={"IMGFEAT_DECODE_CHUNK": "32"})),
+        ("probe: imgfeat --decode cpu --threads 12", 40, False, "cpu",
+         lambda: imgfeat_line(run, corpus, "--decode", "cpu", "--threads", "12")),
+        ("probe: imgfeat --decode gpu --threads 2", 40, True, "nvjpeg",
+         lambda: imgfeat_line(run, corpus, "--decode", "gpu", "--threads", "2")),
         ("probe: imgfeat --decode gpu --threads 4", 40, True, "nvjpeg",
          lambda: imgfeat_line(run, corpus, "--decode", "gpu", "--threads", "4")),
         ("probe: imgfeat --decode gpu --threads 8", 40, True, "nvjpeg",

@@ -33,7 +33,10 @@ from imgfeat.sources import Item
 # decoding up, and processes would only cost their start (a second or two each).
 PROCESSES_FROM = 4
 PARENT_CHECK_S = 0.5
-CHUNK = 8  # items per task: one task's round trip costs the worker ~100 us of its thread
+# Items per task: a task's round trip costs the worker's threads some GIL time, a larger
+# chunk more waiting for its slowest image. IMGFEAT_DECODE_CHUNK is for measuring it
+# (bench/gpu_acceptance.py's probes).
+CHUNK = int(os.environ.get("IMGFEAT_DECODE_CHUNK", "8"))
 
 
 def use_processes(threads: int) -> bool:
