@@ -14,7 +14,9 @@ unless they are nodes of one run (`--num-nodes`, or Ray's actors).
 Reading (`open_for_reading`) downloads only the small files (manifest, plan files, a
 whitening): shards are read from the bucket on demand, range by range (`Remote.open_h5`),
 and the reader's row index lives in a local cache folder, its shards stamped with their
-objects' size and ETag (`Remote.info`). A store may be hundreds of GB; reading a row costs
+objects' size and ETag (`Remote.info`). A first open counts rows from the store's record of
+shard counts (store/shard_counts.py), reading a shard's header only where the record lacks
+it or names another object (another ETag). A store may be hundreds of GB; reading a row costs
 about one chunk of its shard (see READ_AHEAD).
 """
 
@@ -97,10 +99,18 @@ class Remote:
         self._listed[folder] = listed  # one listing gives every shard's stamp (`info`)
         return sorted(listed)
 
-    def info(self, relative: str) -> dict:
-        """What the last listing of its folder said of an object (else the bucket now)."""
+    def listed(self, folder: str) -> list[str] | None:
+        """The names of `folder`'s last listing (`names`), None if never listed."""
+        found = self._listed.get(folder)
+        return None if found is None else sorted(found)
+
+    def info(self, relative: str, fresh: bool = False) -> dict:
+        """What the last listing of its folder said of an object (else, or with `fresh`, the
+        bucket now: one HEAD)."""
         folder, _, name = relative.rpartition("/")
-        entry = self._listed.get(folder, {}).get(name)
+        if fresh:  # fsspec's listings cache may hold what was there before
+            self.fs.invalidate_cache(self.path(relative))
+        entry = None if fresh else self._listed.get(folder, {}).get(name)
         return entry or storage.retrying(lambda: self.fs.info(self.path(relative)))
 
     def open_h5(self, relative: str) -> h5py.File:
