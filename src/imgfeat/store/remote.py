@@ -7,9 +7,11 @@ appears under its final name; its local copy is then removed, so staging holds a
 shard per worker. The plan files and the manifest are kept in staging too: they are the
 machine's copy of the store's plan, made again from the bucket when a run starts (`pull`).
 
-A run's lock (`store/run_lock.py`) guards the staging folder, that is one machine: object
-storage has no lock a run could take, so two machines must not run on one output URL at once
-unless they are nodes of one run (`--num-nodes`, or Ray's actors).
+A run's lock (`store/run_lock.py`) guards the staging folder, that is one machine, and, on
+S3 (s3fs), a lease per node in the bucket (`locks/`, store/object_lease.py: conditional
+writes), so that a second run on the same URL from another machine is refused while nodes of
+one run share it. Other object stores have no such lease: there, two machines must not run
+on one output URL at once unless they are nodes of one run (`--num-nodes`, or Ray's actors).
 
 Reading (`open_for_reading`) downloads only the small files (manifest, plan files, a
 whitening): shards are read from the bucket on demand, range by range (`Remote.open_h5`),
@@ -38,7 +40,8 @@ from imgfeat.store.layout import Layout
 
 _OWN = ("manifest.json", "plan", "shards")
 LOG = "imgfeat.log"  # uploaded when a run ends; kept by --overwrite, as in a local folder
-_KEPT = (LOG, "whitening.npz")  # ours too, though --overwrite leaves them: not foreign
+_KEPT = (LOG, "whitening.npz", "locks")  # ours too, though --overwrite leaves them (the run
+# that overwrites holds its lease in locks/: store/object_lease.py): not foreign
 
 # Shards are read on demand through fsspec's read-ahead cache: a read it does not hold is one
 # ranged GET of what HDF5 asked for plus READ_AHEAD bytes. HDF5 asks for whole chunks of
