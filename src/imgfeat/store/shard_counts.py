@@ -32,9 +32,15 @@ Entry = list  # [rows, errors, overflow rows, stamp, identity digest or None]
 
 
 def entry_of(layout: Layout, index: int, rows: int, errors: int, overflow: int,
-             identity: str | None) -> Entry:
-    """The record's entry of shard `index`, just committed (its stamp read now, afresh)."""
-    return [rows, errors, overflow, layout.shard_stamp(index, fresh=True), identity]
+             identity: str | None) -> Entry | None:
+    """The record's entry of shard `index`, just committed (its stamp read now, afresh:
+    on object storage one HEAD). None if the stamp cannot be read: the shard is committed
+    all the same, and readers will count it from its header."""
+    try:
+        stamp = layout.shard_stamp(index, fresh=True)
+    except Exception:
+        return None
+    return [rows, errors, overflow, stamp, identity]
 
 
 class CountsRecord:
@@ -111,9 +117,15 @@ def recorded(layout: Layout, names: list[str] | None = None) -> dict[int, list[E
     found: dict[int, list[Entry]] = {}
     for name in sorted(n for n in names if n.startswith(PREFIX) and n.endswith(SUFFIX)):
         for key, entry in _parse(_read(layout, f"shards/{name}")).items():
-            if key.isdigit() and isinstance(entry, list) and len(entry) == 5:
+            if key.isdigit() and _valid(entry):
                 found.setdefault(int(key), []).append(entry)
     return found
+
+
+def _valid(entry) -> bool:
+    return isinstance(entry, list) and len(entry) == 5 and \
+        all(isinstance(n, int) and n >= 0 for n in entry[:3]) and isinstance(entry[3], str) \
+        and (entry[4] is None or isinstance(entry[4], str))
 
 
 def _read(layout: Layout, relative: str) -> bytes | None:
