@@ -11,7 +11,9 @@ never refuse each other.
 
 Creating a lease is atomic on NFS too: the record is written under a temporary name and linked
 to the lease name (link fails if the name exists). Taking over renames the old lease away
-first, which only one of several takers can do."""
+first, which only one of several takers can do (`LocalLeases`). The same protocol runs on
+objects of a bucket, with conditional writes in place of link and rename
+(store/object_lease.py)."""
 
 from __future__ import annotations
 
