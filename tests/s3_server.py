@@ -52,10 +52,12 @@ class S3:
 
 class ThrottlingProxy:
     """Forwards to `target`; answers 503 SlowDown to every `every`-th GET of an object (never
-    with `every=0`); `sent` counts the bytes of objects it passed on (GETs of an object)."""
+    with `every=0`); `sent` counts the bytes of objects it passed on (GETs of an object),
+    `paths` the paths of those GETs."""
 
     def __init__(self, target_port: int, every: int = 3):
         self.count = 0
+        self.paths: list[str] = []
         self.throttled = 0
         self.sent = 0
         proxy = self
@@ -71,6 +73,7 @@ class ThrottlingProxy:
                 body = self.rfile.read(length) if length else None
                 if self.command == "GET" and "?" not in self.path:
                     proxy.count += 1
+                    proxy.paths.append(self.path)
                     if every and proxy.count % every == 0:
                         proxy.throttled += 1
                         message = (b"<Error><Code>SlowDown</Code><Message>Please reduce your "

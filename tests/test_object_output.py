@@ -92,6 +92,10 @@ def test_two_nodes_share_an_output_on_s3_through_the_bucket_alone(s3, many, tmp_
              for rank in (0, 1)]
     results = [(node.wait(timeout=300), node.stderr.read()) for node in nodes]
     assert [code for code, _ in results] == [0, 0], results
+    fs = s3.fs()  # each node recorded its shards' counts in a record of its own
+    assert fs.exists("out/nodes/shards/counts-node-0.json")
+    assert fs.exists("out/nodes/shards/counts-node-1.json")
+    assert not fs.exists("out/nodes/locks/lease-node-0.json")  # both leases released
     if not s3.fs().exists("out/ref/manifest.json"):
         assert run(s3, many, "s3://out/ref", tmp_path / "ref").returncode == 0
     same(s3, out, "s3://out/ref")

@@ -68,6 +68,24 @@ def test_an_s3_store_reads_as_the_local_run_with_no_shard_on_disk(s3, runs, stag
     assert list(staging.glob("read-*/index/rows.sqlite"))  # the row index is kept here
 
 
+def test_a_run_records_its_shard_counts_and_a_first_open_reads_no_header(
+        s3, runs, tmp_path, monkeypatch):
+    """The run's record (store/shard_counts.py) is in the bucket and in the folder, and a
+    reader with no cache counts rows from it: no shard's header is read."""
+    assert (runs / "shards/counts-node-0.json").exists()
+    assert s3.fs().exists("feats/run/shards/counts-node-0.json")
+    local = imgfeat.open_store(runs)
+    monkeypatch.setenv("IMGFEAT_STAGING", str(tmp_path / "cold"))
+    proxy = ThrottlingProxy(s3.port, every=0)
+    try:
+        options = s3.options(proxy.endpoint, skip_instance_cache=True)
+        with imgfeat.open_store(URL, storage_options=options) as remote:
+            assert (len(remote), remote.error_count) == (len(local), local.error_count)
+    finally:
+        proxy.stop()
+    assert not [p for p in proxy.paths if "/shards/shard-" in p], proxy.paths
+
+
 def wide_store(root, shards: int, rows: int, dim: int) -> int:
     """A store of big shards written by the shard writer (no model); its size in bytes."""
     layout = Layout(root)

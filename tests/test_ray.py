@@ -2,6 +2,7 @@
 whatever cores the machine has): same store as the local engine, actors killed mid-shard,
 and a driver killed mid-run."""
 
+import json
 import os
 import re
 import secrets
@@ -78,6 +79,8 @@ def test_ray_engine_gives_the_local_engines_store_bitwise(many, local_store, clu
     out = tmp_path / "ray"
     assert main(ray_args(many, out, cluster)) == 0
     assert_same_store(local_store, out)
+    record = json.loads((out / "shards/counts-node-0.json").read_text())["shards"]
+    assert len(record) == len(imgfeat.open_store(out).shards)  # the actors' counts, recorded
 
 
 def _actor_pids() -> list[int]:

@@ -85,6 +85,7 @@ KILL_CHAIN = [
     "manifest:1=kill",                  # the plan just recorded as complete
     "shard-temp:1=kill",                # a shard written, not yet renamed
     "shard:2=kill",                     # a shard committed, the coordinator not yet told
+    "counts-temp:1=kill",               # the record of shard counts not yet renamed
     "features-temp:1=kill",             # every shard done, features.h5 not yet renamed
     "features:1=kill",                  # features.h5 written, the summary not yet printed
 ]

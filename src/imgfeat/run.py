@@ -47,6 +47,7 @@ from imgfeat.store.remote import (
     refresh,
 )
 from imgfeat.store.run_lock import RunLock
+from imgfeat.store.shard_counts import CountsRecord
 from imgfeat.store.storage import is_url
 from imgfeat.store.virtual import build_virtual_file
 
@@ -216,11 +217,14 @@ def _extract(engine: LocalEngine, layout: Layout, manifest: dict, sources: list[
                        lambda shards: _plan_complete(layout, manifest, shards, node,
                                                      tally.skipped if walked else None))
     reporter.start(total=None)
+    # readers count shards from this record, not from every shard's header
+    record = CountsRecord(layout, node.rank, warn=reporter.warn)
     try:
-        return engine.run(watched, reporter, committed)
+        return engine.run(watched, reporter, committed, record.add)
     finally:
         if isinstance(stream, PlannerStream):
             stream.stop()
+        record.flush()  # done or stopped: what was committed is recorded
 
 
 def _shard_stream(layout: Layout, manifest: dict, sources: list[str], opts: ExtractOptions,

@@ -11,6 +11,7 @@ import multiprocessing as mp
 import queue
 import signal
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from imgfeat.engine.placement import Placement
@@ -21,6 +22,13 @@ from imgfeat.pipeline.device_worker import Task
 from imgfeat.report.progress import Reporter
 from imgfeat.store.layout import remove_temps_of
 from imgfeat.store.remote import open_layout
+
+OnCommit = Callable[[int, list | None], None]  # (shard, its entry in the store's record)
+
+
+def ignore_commit(index: int, entry: list | None) -> None:
+    pass
+
 
 MAX_START_FAILURES = 3  # deaths of one device's worker before it is ready
 POLL_S = 0.1
@@ -115,8 +123,11 @@ class LocalEngine:
 
     # -- the run ---------------------------------------------------------------------------
 
-    def run(self, stream, reporter: Reporter, skip: set[int]) -> Outcome:
-        """Extract every shard `stream` yields that is not in `skip`."""
+    def run(self, stream, reporter: Reporter, skip: set[int],
+            on_commit: OnCommit = ignore_commit) -> Outcome:
+        """Extract every shard `stream` yields that is not in `skip`; `on_commit(index,
+        entry)` for each shard committed (store/shard_counts.py)."""
+        self._on_commit = on_commit
         waiting: deque[Task] = deque()
         while True:
             waiting.extend(Task(s.index) for s in stream.poll() if s.index not in skip)
@@ -158,6 +169,7 @@ class LocalEngine:
             if message[5]:
                 self.outcome.stage_times[slot.process.pid] = message[5]
             self.outcome.overflow_rows += message[6]
+            self._on_commit(message[2], message[7])
         elif kind == "failed" and slot.task is not None:
             self._retry(slot, message[3], reporter, waiting)
         elif kind == "warn":

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
-from imgfeat.engine.local import Outcome
+from imgfeat.engine.local import OnCommit, Outcome, ignore_commit
 from imgfeat.engine.placement import Placement
 from imgfeat.engine.retry import RetryPolicy
 from imgfeat.errors import ImgfeatError, UsageError
@@ -187,7 +187,10 @@ class RayEngine:
         if self._started_ray:
             self._ray.shutdown()
 
-    def run(self, stream, reporter: Reporter, skip: set[int]) -> Outcome:
+    def run(self, stream, reporter: Reporter, skip: set[int],
+            on_commit: OnCommit = ignore_commit) -> Outcome:
+        """As the local engine's `run`."""
+        self._on_commit = on_commit
         waiting: deque[Task] = deque()
         next_progress = time.monotonic() + PROGRESS_EVERY_S
         while True:
@@ -243,7 +246,7 @@ class RayEngine:
         ray = self._ray
         task, actor.task = actor.task, None
         try:
-            _, rows, errors, times, overflow = ray.get(actor.ref)
+            index, rows, errors, times, overflow, entry = ray.get(actor.ref)
         except ray.exceptions.ActorUnavailableError:
             actor.lost()  # restarting: the shard never ran there, so it costs no attempt
             self._report(reporter, actor, 0, 0)
@@ -268,6 +271,7 @@ class RayEngine:
         if times:
             self.outcome.stage_times[actor.number] = times
         self.outcome.overflow_rows += overflow
+        self._on_commit(index, entry)
 
     def _poll_progress(self, reporter: Reporter) -> None:
         busy = [a for a in self._actors if a.task is not None]

@@ -88,12 +88,14 @@ class DeviceWorker:
             return None  # the coordinator refuses an unreadable store in one line
 
     def run(self, task: Task, progress, current=None) -> tuple:
-        """(index, rows, errors, seconds per stage or None) of one committed shard."""
+        """(index, rows, errors, seconds per stage or None, float16 overflow rows, the
+        store's record entry) of one committed shard."""
         items = _with_exclusions(read_shard_items(self.layout, task.index), task.excluded)
         result = self.pipeline.run_shard(task.index, items, progress,
                                        current=current if task.careful else None)
         return (result.index, result.rows, result.errors,
-                getattr(self.pipeline.times, "seconds", None), result.overflow_rows)
+                getattr(self.pipeline.times, "seconds", None), result.overflow_rows,
+                result.entry)
 
     def close(self) -> None:
         self.pipeline.close()

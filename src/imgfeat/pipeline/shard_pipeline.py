@@ -37,6 +37,7 @@ class ShardResult:
     rows: int
     errors: int
     overflow_rows: int = 0
+    entry: list | None = None  # for the store's record of shard counts (store/shard_counts)
 
 
 READS_IN_FLIGHT = int(os.environ.get("IMGFEAT_READS_IN_FLIGHT", "16"))
@@ -127,7 +128,8 @@ class ShardPipeline:
         finally:
             self._in_flight = None  # a failed shard's batch must not land in the next one
             writer.discard()
-        return ShardResult(index, len(writer.keys), len(writer.error_keys), writer.overflow_rows)
+        return ShardResult(index, len(writer.keys), len(writer.error_keys), writer.overflow_rows,
+                           writer.entry)
 
     def _fill(self, writer: ShardWriter, items: list[Item], progress: Progress,
               current) -> None:

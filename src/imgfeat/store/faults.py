@@ -9,10 +9,11 @@ which one, as comma-separated rules `KIND:N=ACTION`:
                            temporary name, not yet renamed
     plan:2=wait-shards:2   pause after the 2nd plan file until 2 shard files are committed
 
-Kinds: manifest, plan, keys (the key index's commit), shard, features; `KIND-temp` fires before
-the rename that makes a file visible. Counts are per process. Signals go to the run's process
-group, which must be a session of its own (a test starts the run with start_new_session), so
-that the workers die with it, as they do when a terminal or a scheduler stops a job.
+Kinds: manifest, plan, keys (the key index's commit), shard, counts (a node's record of its
+shards' counts), features; `KIND-temp` fires before the rename that makes a file visible.
+Counts are per process. Signals go to the run's process group, which must be a session of its
+own (a test starts the run with start_new_session), so that the workers die with it, as they
+do when a terminal or a scheduler stops a job.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def kind_of(final: Path) -> str:
     if final.parent.name == "plan":
         return "plan"
     if final.parent.name == "shards":
-        return "shard"
+        return "shard" if final.suffix == ".h5" else "counts"  # store/shard_counts.py
     return "file"
 
 

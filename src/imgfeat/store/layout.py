@@ -52,13 +52,14 @@ class Layout:
 
         return open_h5(self.shard_file(index))
 
-    def shard_stamp(self, index: int) -> str:
+    def shard_stamp(self, index: int, fresh: bool = False) -> str:
         """What changes when shard `index` is replaced: its size and modification time (on
-        object storage, its size and ETag)."""
+        object storage, its size and ETag: from the last listing, or with `fresh` asked of
+        the bucket now)."""
         if self.remote is not None:
             from imgfeat.store.remote import stamp
 
-            return stamp(self.remote.info(self._relative(self.shard_file(index))))
+            return stamp(self.remote.info(self._relative(self.shard_file(index)), fresh))
         info = os.stat(self.shard_file(index))
         return f"{info.st_size}:{info.st_mtime_ns}"
 

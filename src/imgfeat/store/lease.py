@@ -11,7 +11,9 @@ never refuse each other.
 
 Creating a lease is atomic on NFS too: the record is written under a temporary name and linked
 to the lease name (link fails if the name exists). Taking over renames the old lease away
-first, which only one of several takers can do."""
+first, which only one of several takers can do (`LocalLeases`). The same protocol runs on
+objects of a bucket, with conditional writes in place of link and rename
+(store/object_lease.py)."""
 
 from __future__ import annotations
 
@@ -59,11 +61,17 @@ class Holder:
 
 
 class Lease:
-    """This node's lease on an output folder, for run `run` (see plan/nodes.py, `run_id`)."""
+    """This node's lease on an output folder, for run `run` (see plan/nodes.py, `run_id`):
+    a file of `OUT/.locks`, or with `leases` another place for them (store/object_lease.py:
+    objects of an output on object storage, shared by every machine)."""
 
-    def __init__(self, layout: Layout, run: str, rank: int):
-        self._layout, self._run, self._rank = layout, run, rank
-        self.path = layout.locks_dir / f"lease-node-{rank}.json"
+    def __init__(self, layout: Layout, run: str, rank: int, leases=None):
+        self._run, self._rank = run, rank
+        self._leases = leases or LocalLeases(layout.locks_dir, str(layout.root))
+        self._where = self._leases.where
+        self.name = f"lease-node-{rank}.json"
+        self.path = layout.locks_dir / self.name  # of the local kind
+        self._version = None  # what the place said of our lease when we last wrote it
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -71,13 +79,14 @@ class Lease:
         """Hold this node's lease, and make sure no other run holds one; start heartbeats."""
         if self._beat is not None:
             return
-        self._layout.locks_dir.mkdir(parents=True, exist_ok=True)
+        self._leases.prepare()
         self._claim()
         try:
             self._check_others(overwrite)
         except UsageError:
             self._drop()
             raise
+        self._stop.clear()
         self._beat = threading.Thread(target=self._heartbeats, name="imgfeat-lease",
                                       daemon=True)
         self._beat.start()
@@ -94,24 +103,29 @@ class Lease:
 
     def _claim(self) -> None:
         for _ in range(3):
-            if _create(self.path, self._record()):
+            if (version := self._leases.create(self.name, self._record())) is not None:
+                self._version = version
                 return
-            holder = read_holder(self.path)
+            holder, version = self._leases.read(self.name)
             if holder is not None and holder.is_me():
+                self._version = version
                 return
             why = "its record is unreadable" if holder is None else holder.gone()
             if why is None:
                 raise self._busy(holder, "a second run would duplicate its work")
-            if _remove(self.path, holder):
-                print(f"imgfeat: taking over {self._layout.root} from "
-                      f"{holder.describe() if holder else self.path.name}: {why}",
+            taken = self._leases.take_over(self.name, holder, version, self._record())
+            if taken is not None:
+                print(f"imgfeat: taking over {self._where} from "
+                      f"{holder.describe() if holder else self.name}: {why}",
                       file=sys.stderr)
-        raise UsageError(f"{self.path} keeps changing: another run is starting in "
-                         f"{self._layout.root}; start one run at a time")
+                self._version = taken
+                return
+        raise UsageError(f"{self.name} of {self._where} keeps changing: another run is "
+                         "starting there; start one run at a time")
 
     def _check_others(self, overwrite: bool) -> None:
-        for path in sorted(self._layout.locks_dir.glob("lease-node-*.json")):
-            holder = read_holder(path) if path != self.path else None
+        for name in self._leases.names():
+            holder = self._leases.read(name)[0] if name != self.name else None
             if holder is None or holder.run == self._run or holder.gone():
                 continue
             raise self._busy(holder, "--overwrite would delete its files" if overwrite
@@ -119,23 +133,66 @@ class Lease:
 
     def _busy(self, holder: Holder, why: str) -> UsageError:
         return UsageError(f"another imgfeat run ({holder.describe()}) is writing "
-                          f"{self._layout.root}; {why}: wait for it to end or stop it first (a "
+                          f"{self._where}; {why}: wait for it to end or stop it first (a "
                           f"run that died elsewhere loses its lease {STALE_S:.0f}s after its "
                           "last heartbeat)")
 
     def _heartbeats(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            holder = read_holder(self.path)
-            if holder is None or not holder.is_me():
-                print(f"imgfeat: warning: the lease on {self._layout.root} was taken over "
+            try:
+                version = self._leases.refresh(self.name, self._version, self._record())
+            except Exception as exc:  # a failed beat: the next may pass, long before STALE_S
+                print(f"imgfeat: warning: the lease on {self._where} could not be refreshed "
+                      f"({type(exc).__name__}: {exc})", file=sys.stderr)
+                continue
+            if version is None:
+                holder = self._leases.read(self.name)[0]
+                print(f"imgfeat: warning: the lease on {self._where} was taken over "
                       f"({holder.describe() if holder else 'removed'})", file=sys.stderr)
                 return
-            _write(self.path, self._record())
+            self._version = version
 
     def _drop(self) -> None:
-        holder = read_holder(self.path)
+        self._leases.remove(self.name)
+
+
+class LocalLeases:
+    """Leases as files of a folder (`OUT/.locks`): created by a link, which fails if the name
+    exists (on NFS too); taken over by renaming the old one away, which only one taker can.
+    A lease's version is its record."""
+
+    def __init__(self, folder: Path, where: str):
+        self.folder, self.where = folder, where
+
+    def prepare(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def create(self, name: str, holder: Holder) -> Holder | None:
+        return holder if _create(self.folder / name, holder) else None
+
+    def read(self, name: str) -> tuple[Holder | None, Holder | None]:
+        holder = read_holder(self.folder / name)
+        return holder, holder
+
+    def take_over(self, name: str, old: Holder | None, version, new: Holder) -> Holder | None:
+        if not _remove(self.folder / name, old):
+            return None
+        return self.create(name, new)
+
+    def refresh(self, name: str, version, new: Holder) -> Holder | None:
+        holder = read_holder(self.folder / name)
+        if holder is None or not holder.is_me():
+            return None
+        _write(self.folder / name, new)
+        return new
+
+    def remove(self, name: str) -> None:
+        holder = read_holder(self.folder / name)
         if holder is not None and holder.is_me():
-            _remove(self.path, holder)
+            _remove(self.folder / name, holder)
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.folder.glob("lease-node-*.json"))
 
 
 def read_holder(path: Path) -> Holder | None:

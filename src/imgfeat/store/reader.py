@@ -14,6 +14,7 @@ from imgfeat.store.layout import Layout, feature_datasets
 from imgfeat.store.manifest import identity_digest, read_manifest
 from imgfeat.store.row_index import RowIndex
 from imgfeat.store.shard_cache import ShardCache
+from imgfeat.store.shard_counts import recorded
 
 
 class Store:
@@ -127,7 +128,8 @@ class Store:
 
     @cached_property
     def _index(self) -> RowIndex:
-        return RowIndex(self.layout.row_index, self.layout.shard_stamp, self._shard)
+        return RowIndex(self.layout.row_index, self.layout.shard_stamp, self._shard,
+                        lambda: recorded(self.layout))
 
     @cached_property
     def _counts(self) -> dict[int, tuple[int, int]]:

@@ -7,14 +7,18 @@ appears under its final name; its local copy is then removed, so staging holds a
 shard per worker. The plan files and the manifest are kept in staging too: they are the
 machine's copy of the store's plan, made again from the bucket when a run starts (`pull`).
 
-A run's lock (`store/run_lock.py`) guards the staging folder, that is one machine: object
-storage has no lock a run could take, so two machines must not run on one output URL at once
-unless they are nodes of one run (`--num-nodes`, or Ray's actors).
+A run's lock (`store/run_lock.py`) guards the staging folder, that is one machine, and, on
+S3 (s3fs), a lease per node in the bucket (`locks/`, store/object_lease.py: conditional
+writes), so that a second run on the same URL from another machine is refused while nodes of
+one run share it. Other object stores have no such lease: there, two machines must not run
+on one output URL at once unless they are nodes of one run (`--num-nodes`, or Ray's actors).
 
 Reading (`open_for_reading`) downloads only the small files (manifest, plan files, a
 whitening): shards are read from the bucket on demand, range by range (`Remote.open_h5`),
 and the reader's row index lives in a local cache folder, its shards stamped with their
-objects' size and ETag (`Remote.info`). A store may be hundreds of GB; reading a row costs
+objects' size and ETag (`Remote.info`). A first open counts rows from the store's record of
+shard counts (store/shard_counts.py), reading a shard's header only where the record lacks
+it or names another object (another ETag). A store may be hundreds of GB; reading a row costs
 about one chunk of its shard (see READ_AHEAD).
 """
 
@@ -36,7 +40,8 @@ from imgfeat.store.layout import Layout
 
 _OWN = ("manifest.json", "plan", "shards")
 LOG = "imgfeat.log"  # uploaded when a run ends; kept by --overwrite, as in a local folder
-_KEPT = (LOG, "whitening.npz")  # ours too, though --overwrite leaves them: not foreign
+_KEPT = (LOG, "whitening.npz", "locks")  # ours too, though --overwrite leaves them (the run
+# that overwrites holds its lease in locks/: store/object_lease.py): not foreign
 
 # Shards are read on demand through fsspec's read-ahead cache: a read it does not hold is one
 # ranged GET of what HDF5 asked for plus READ_AHEAD bytes. HDF5 asks for whole chunks of
@@ -49,6 +54,7 @@ _KEPT = (LOG, "whitening.npz")  # ours too, though --overwrite leaves them: not 
 # would download a whole shard for one row. Memory: one buffer of a chunk or so per open
 # shard, 32 open at most (store/shard_cache.py).
 READ_AHEAD = 128 << 10
+FETCH_BATCH = 64  # plan files downloaded at once (`Remote.fetch_all`)
 
 
 def staging_folder(url: str, purpose: str = "run") -> Path:
@@ -86,6 +92,24 @@ class Remote:
         os.replace(temp, local)
         return True
 
+    def fetch_all(self, relatives: list[str], root: Path) -> None:
+        """Download many small files (plan files) to `root`, FETCH_BATCH at once through
+        fsspec's concurrent `cat`: one after another, 10,000 of them take minutes. A file that
+        failed in a batch is fetched alone (retried, or skipped if it is gone)."""
+        for start in range(0, len(relatives), FETCH_BATCH):
+            batch = relatives[start:start + FETCH_BATCH]
+            found = self.fs.cat([self.path(r) for r in batch], on_error="return")
+            for relative in batch:
+                data = found.get(self.path(relative))
+                if not isinstance(data, bytes):
+                    self.fetch(relative, root / relative)
+                    continue
+                local = root / relative
+                local.parent.mkdir(parents=True, exist_ok=True)
+                temp = local.with_name(f".{local.name}.download-{os.getpid()}")
+                temp.write_bytes(data)
+                os.replace(temp, local)
+
     def names(self, folder: str = "") -> list[str]:
         """Names directly in `folder` (relative), [] when there is none."""
         where = self.path(folder) if folder else self.root
@@ -97,10 +121,18 @@ class Remote:
         self._listed[folder] = listed  # one listing gives every shard's stamp (`info`)
         return sorted(listed)
 
-    def info(self, relative: str) -> dict:
-        """What the last listing of its folder said of an object (else the bucket now)."""
+    def listed(self, folder: str) -> list[str] | None:
+        """The names of `folder`'s last listing (`names`), None if never listed."""
+        found = self._listed.get(folder)
+        return None if found is None else sorted(found)
+
+    def info(self, relative: str, fresh: bool = False) -> dict:
+        """What the last listing of its folder said of an object (else, or with `fresh`, the
+        bucket now: one HEAD)."""
         folder, _, name = relative.rpartition("/")
-        entry = self._listed.get(folder, {}).get(name)
+        if fresh:  # fsspec's listings cache may hold what was there before
+            self.fs.invalidate_cache(self.path(relative))
+        entry = None if fresh else self._listed.get(folder, {}).get(name)
         return entry or storage.retrying(lambda: self.fs.info(self.path(relative)))
 
     def open_h5(self, relative: str) -> h5py.File:
@@ -180,9 +212,8 @@ def pull(remote: Remote, root: Path, reading: bool = False) -> None:
     plan = root / "plan"
     there = set(remote.names("plan"))
     here = {p.name for p in plan.glob("shard-*.jsonl")} if plan.is_dir() else set()
-    for name in sorted(there - here):
-        if name.endswith(".jsonl") or name == "skipped.json":  # not the key index
-            remote.fetch(f"plan/{name}", plan / name)
+    remote.fetch_all([f"plan/{name}" for name in sorted(there - here)  # not the key index
+                      if name.endswith(".jsonl") or name == "skipped.json"], root)
     for name in sorted(here - there):
         if reading:
             (plan / name).unlink()

@@ -8,7 +8,10 @@ plan's key index (`plan/keys.sqlite`) is the same kind of file.
 
 A shard is immutable once committed, but `--overwrite` replaces a store's shards: each indexed
 shard is recorded with a stamp of its file (size and modification time; for an object, size
-and ETag: `Layout.shard_stamp`) and indexed again if it changed. A folder that cannot be
+and ETag: `Layout.shard_stamp`) and indexed again if it changed. A shard not indexed yet is
+counted from the store's own record of counts where that record's stamp is the shard's
+(store/shard_counts.py): a first open of a big store on object storage reads a few small
+files, not every shard's header. A folder that cannot be
 written (a read-only copy, a full disk) gets a private index in a temporary file that lives
 as long as the reader. A store on object storage keeps its index in this machine's cache
 folder for it (store/remote.py, `open_for_reading`)."""
@@ -48,8 +51,11 @@ class RowIndex:
     share between threads."""
 
     def __init__(self, path: Path, stamp_of: Callable[[int], str],
-                 open_shard: Callable[[int], h5py.File]):
+                 open_shard: Callable[[int], h5py.File],
+                 recorded: Callable[[], dict[int, list[list]]] = dict):
         self._stamp_of, self._open_shard = stamp_of, open_shard
+        self._recorded_of = recorded  # the store's own record (store/shard_counts.py)
+        self._recorded: dict[int, list[list]] | None = None  # read once, when first needed
         self._private: tempfile.TemporaryDirectory | None = None
         self._stamps: dict[int, str] = {}
         self._all_keyed = False  # set once every shard of this reader's store is keyed
@@ -86,16 +92,26 @@ class RowIndex:
             if entry is None or entry[0] != now:
                 if entry is not None:
                     stale.append((index,))
-                shard = self._open_shard(index)
-                entry = (now, shard["keys"].shape[0], shard["errors/keys"].shape[0])
-                fresh.append((index, *entry, shard.attrs.get("identity"),
-                              int(shard.attrs.get("float16_overflow_rows", 0))))
+                fresh.append(self._read(index, now))
+                entry = fresh[-1][1:4]
             found[index] = entry[1:]
         with self._db:  # one transaction: a commit costs an fsync
             self._db.executemany("DELETE FROM keys WHERE shard = ?", stale)  # --overwrite
             self._db.executemany("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?, ?, 0)",
                                  fresh)
         return found
+
+    def _read(self, index: int, stamp: str) -> tuple:
+        """(index, stamp, rows, errors, identity, overflow rows) of a shard not indexed yet:
+        from the store's record if it counted this very file (same stamp), else its header."""
+        if self._recorded is None:
+            self._recorded = self._recorded_of()
+        for rows, errors, overflow, recorded_stamp, identity in self._recorded.get(index, ()):
+            if recorded_stamp == stamp:
+                return index, stamp, rows, errors, identity, overflow
+        shard = self._open_shard(index)
+        return (index, stamp, shard["keys"].shape[0], shard["errors/keys"].shape[0],
+                shard.attrs.get("identity"), int(shard.attrs.get("float16_overflow_rows", 0)))
 
     @_serialised
     def foreign(self, shards: Iterable[int], identity: str) -> list[int]:

@@ -2,7 +2,9 @@
 run with --overwrite would delete files under the first.
 
 Across hosts a flock proves nothing (NFS clients, mounts without locks): each node also holds a
-lease in the folder, with a heartbeat (store/lease.py); this lock takes both.
+lease in the folder, with a heartbeat (store/lease.py); this lock takes both. For an output on
+object storage the folder is this machine's staging folder, so each node also holds a lease
+in the bucket (store/object_lease.py), where every machine sees it.
 
 A run holds an exclusive flock on `OUT/.locks/node-R.lock` while it works. The kernel drops the
 lock when the process ends, however it ends (kill -9 included), so a lock never goes stale and a
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 
 from imgfeat.errors import UsageError
+from imgfeat.store import object_lease
 from imgfeat.store.layout import Layout
 from imgfeat.store.lease import Lease
 
@@ -29,6 +32,9 @@ class RunLock:
     def __init__(self, layout: Layout, rank: int, run: str):
         self._layout, self._rank = layout, rank
         self._lease = Lease(layout, run, rank)
+        # an output on object storage: a lease in the bucket too, seen by every machine
+        leases = object_lease.for_remote(layout.remote)
+        self._bucket = Lease(layout, run, rank, leases) if leases is not None else None
         self._fd: int | None = None
         self._held = False
 
@@ -45,12 +51,16 @@ class RunLock:
         self._fd = self._take(self._path, "a second run would duplicate its work")
         try:  # across hosts, the flock says nothing: the lease does (store/lease.py)
             self._lease.acquire(overwrite)
+            if self._bucket is not None:
+                self._bucket.acquire(overwrite)
         except BaseException:
             self.release()
             raise
         self._held = True
 
     def release(self) -> None:
+        if self._bucket is not None:
+            self._bucket.release()
         self._lease.release()
         self._release(self._fd)
         self._fd, self._held = None, False

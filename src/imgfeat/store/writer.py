@@ -10,6 +10,7 @@ from imgfeat.errors import UsageError
 from imgfeat.store.layout import Layout, commit, feature_datasets, temp_path
 from imgfeat.store.manifest import identity_digest, read_manifest
 from imgfeat.store.shard_cache import open_h5
+from imgfeat.store.shard_counts import Entry, entry_of
 
 
 class StoreReplaced(UsageError):
@@ -33,7 +34,8 @@ class ShardWriter:
 
     def __init__(self, layout: Layout, index: int, shapes: dict[str, tuple[int, ...]],
                  dtype: str, capacity: int, identity: str | None = None):
-        self.layout, self.identity = layout, identity
+        self.layout, self.identity, self.index = layout, identity, index
+        self.entry: Entry | None = None  # the store's record of it, once committed
         self.final = layout.shard_file(index)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.temp = temp_path(self.final)
@@ -99,6 +101,8 @@ class ShardWriter:
         self._file.close()
         self._check_identity()
         commit(self.temp, self.final)
+        self.entry = entry_of(self.layout, self.index, len(self.keys), len(self.error_keys),
+                              self.overflow_rows, self.identity)
 
     def _check_identity(self) -> None:
         """Refuse to commit into a store that now holds other features: a run that replaced
