@@ -90,7 +90,7 @@ class Remote:
         """Names directly in `folder` (relative), [] when there is none."""
         where = self.path(folder) if folder else self.root
         try:
-            found = storage.retrying(lambda: self.fs.ls(where, detail=True, refresh=True))
+            found = storage.listing(self.fs, where)
         except FileNotFoundError:
             found = []
         listed = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in found}
@@ -120,7 +120,7 @@ class Remote:
         before any work."""
         bucket = self.root.split("/", 1)[0]
         try:
-            storage.retrying(lambda: self.fs.ls(bucket, detail=False, refresh=True))
+            storage.listing(self.fs, bucket, detail=False)
         except Exception as exc:
             raise UsageError(f"cannot write output {self.url}: {storage.reason(exc)}") from None
 
