@@ -210,7 +210,9 @@ def refresh(layout: Layout) -> None:
 
 
 def _empty(root: Path) -> None:
-    for name in _OWN:
+    # index/ too: its row index (and a search index) describe the store replaced; its keys
+    # of shards the new store does not have would hide the same keys in the new one's.
+    for name in (*_OWN, "index"):
         target = root / name
         if target.is_dir():
             shutil.rmtree(target)
