@@ -137,7 +137,7 @@ def walk_remote_folder(url: str, storage_options: dict | None, tally=None) -> It
 
 def _walk_remote(fs, scheme: str, folder: str, prefix: str, tally) -> Iterator[Item]:
     try:
-        entries = storage.retrying(lambda: fs.ls(folder, detail=True, refresh=True))
+        entries = storage.listing(fs, folder)
     except Exception as exc:
         yield Item(prefix or "./", None, f"unreadable folder: {storage.reason(exc)}")
         return

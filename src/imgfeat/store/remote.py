@@ -114,7 +114,7 @@ class Remote:
         """Names directly in `folder` (relative), [] when there is none."""
         where = self.path(folder) if folder else self.root
         try:
-            found = storage.retrying(lambda: self.fs.ls(where, detail=True, refresh=True))
+            found = storage.listing(self.fs, where)
         except FileNotFoundError:
             found = []
         listed = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in found}
@@ -152,7 +152,7 @@ class Remote:
         before any work."""
         bucket = self.root.split("/", 1)[0]
         try:
-            storage.retrying(lambda: self.fs.ls(bucket, detail=False, refresh=True))
+            storage.listing(self.fs, bucket, detail=False)
         except Exception as exc:
             raise UsageError(f"cannot write output {self.url}: {storage.reason(exc)}") from None
 
@@ -241,7 +241,9 @@ def refresh(layout: Layout) -> None:
 
 
 def _empty(root: Path) -> None:
-    for name in _OWN:
+    # index/ too: its row index (and a search index) describe the store replaced; its keys
+    # of shards the new store does not have would hide the same keys in the new one's.
+    for name in (*_OWN, "index"):
         target = root / name
         if target.is_dir():
             shutil.rmtree(target)

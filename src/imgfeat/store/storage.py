@@ -52,9 +52,16 @@ def parent(url: str) -> str:
     return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
 
 
+def denied(exc: BaseException) -> bool:
+    """Whether the service refused the credentials: a PermissionError (s3fs, local files), or an
+    HTTP 401/403 that the client raises as its own type (adlfs passes on azure-core's
+    HttpResponseError, whose `status_code` says it)."""
+    return isinstance(exc, PermissionError) or getattr(exc, "status_code", None) in (401, 403)
+
+
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
-                        NotADirectoryError)):
+    if denied(exc) or isinstance(exc, (FileNotFoundError, IsADirectoryError,
+                                       NotADirectoryError)):
         return False
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return True
@@ -74,6 +81,16 @@ def retrying(call: Callable[[], T], retries: int = RETRIES) -> T:
     raise AssertionError("unreachable")
 
 
+def listing(fs, path: str, detail: bool = True) -> list:
+    """`fs.ls(path)` as the service says it now (retried), never a listing cached before:
+    another process, a worker or another node, may have written there since. s3fs and gcsfs
+    take `refresh=True`; adlfs ignores it and keeps its listings until `invalidate_cache`."""
+    def fresh():
+        fs.invalidate_cache(path)
+        return fs.ls(path, detail=detail, refresh=True)
+    return retrying(fresh)
+
+
 def read_bytes(location: str, storage_options: dict | None = None,
                start: int | None = None, end: int | None = None) -> bytes:
     """All bytes of a local file or object, or those in [start, end)."""
@@ -91,7 +108,7 @@ def reason(exc: BaseException) -> str:
     """A short, one-line reason for a failed read, for an error record or a usage error."""
     if isinstance(exc, FileNotFoundError):
         return "not found"
-    if isinstance(exc, PermissionError):
+    if denied(exc):
         return "access denied (check the credentials and storage options)"
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
