@@ -55,7 +55,7 @@ def read_tar(location: str, storage_options: dict | None = None) -> Iterator[Ite
     """The samples of one tar, in the tar's order."""
     name = posixpath.basename(location)
     try:
-        handle = _open(location, storage_options)
+        handle = storage.open_sequential(location, storage_options)
     except Exception as exc:
         yield Item(name, None, f"cannot read tar: {storage.reason(exc)}")
         return
@@ -68,11 +68,6 @@ def read_tar(location: str, storage_options: dict | None = None) -> Iterator[Ite
         yield from _samples(tar, location, name)
 
 
-def _open(location: str, storage_options: dict | None):
-    if storage.is_url(location):
-        fs, path = storage.filesystem(location, storage_options)
-        return storage.retrying(lambda: fs.open(path, "rb", block_size=8 << 20))
-    return open(location, "rb")
 
 
 def _samples(tar: tarfile.TarFile, location: str, name: str) -> Iterator[Item]:
