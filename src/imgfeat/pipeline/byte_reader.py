@@ -80,7 +80,7 @@ class ByteReader:
             return str(exc)
 
     def _tar_member(self, location: str, offset: int, size: int) -> bytes:
-        if _ranged(location) or not storage.is_url(location) and _plain(location):
+        if _ranged(location) or _plain(location) and not storage.is_url(location):  # positioned
             data = storage.read_bytes(location, self._options, offset, offset + size)
         else:
             data = self._cached(self._streams, location,
