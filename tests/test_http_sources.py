@@ -17,7 +17,7 @@ from s3_server import free_port
 import imgfeat
 from imgfeat.cli import main
 from imgfeat.errors import UsageError
-from imgfeat.sources import check_sources
+from imgfeat.sources import check_sources, iter_items
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,13 @@ def test_a_server_that_is_down(tmp_path):
         assert why.startswith("cannot read file: ") and "127.0.0.1" in why, why
         assert "\n" not in why
     assert json.loads((out / "manifest.json").read_text())
+
+
+def test_a_connection_dropped_mid_tar_keeps_the_samples_before(http):
+    items = list(iter_items([f"{http.url}/dropped/shard-00.tar"]))
+    good = [item for item in items if item.error is None]
+    assert 0 < len(good) < len(photo_paths())
+    assert [item.key for item in good] == [p.stem for p in photo_paths()[:len(good)]]
+    [cut] = [item for item in items if item.error is not None]
+    assert cut.key == photo_paths()[len(good)].stem  # the sample the cut fell in
+    assert "cut off in this sample (Response payload is not completed" in cut.error
