@@ -95,7 +95,10 @@ class ThrottlingProxy:
                 for name, value in answer.getheaders():
                     if name.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD has no body: its Content-Length is the object's size, passed on.
+                size = answer.getheader("Content-Length", "0") if self.command == "HEAD" \
+                    else str(len(data))
+                self.send_header("Content-Length", size)
                 self.end_headers()
                 self.wfile.write(data)
                 connection.close()

@@ -13,7 +13,7 @@ from s3_server import S3, ThrottlingProxy
 import imgfeat
 from imgfeat.cli import main
 from imgfeat.errors import UsageError
-from imgfeat.sources import check_sources
+from imgfeat.sources import Item, check_sources
 from imgfeat.sources.stream import SourceOptions
 
 
@@ -96,3 +96,36 @@ def test_throttling_is_retried(s3, photo_reference, tmp_path):
     assert not store.errors and len(store) == len(photo_paths())
     for key in store.keys:
         np.testing.assert_array_equal(store[key], features[key])
+
+
+def test_tar_members_are_read_in_runs_of_ranged_gets(s3, monkeypatch):
+    """A shard reads a tar on object storage in a few ranged GETs, not a second stream and
+    not one GET per member; an object cut since the plan gives error records from the cut."""
+    from imgfeat.pipeline import byte_reader
+    from imgfeat.pipeline.byte_reader import ByteReader, runs
+    from imgfeat.sources.tars import read_tar
+
+    paths = photo_paths()
+    proxy = ThrottlingProxy(s3.port, every=10 ** 9)  # counts GETs, never throttles
+    try:
+        options = s3.options(proxy.endpoint, skip_instance_cache=True)
+        items = list(read_tar("s3://data/tars/shard-01.tar", options))
+        monkeypatch.setattr(byte_reader, "RUN_BYTES", items[2].part[1] - items[0].part[1])
+        grouped = list(runs(items))
+        assert 1 < len(grouped) < len(items) and sum(grouped, []) == items
+        before = proxy.count
+        reader = ByteReader(options)
+        data = [d for run in grouped for d in reader.read_run(run)]
+        assert proxy.count - before == len(grouped)
+        assert data == [p.read_bytes() for p in paths[4:]]
+    finally:
+        proxy.stop()
+    fs = s3.fs()
+    whole = fs.cat("data/tars/shard-01.tar")
+    fs.pipe("data/tars/cut.tar", whole[:items[1].part[1] + 10])
+    cut = [Item(i.key, "s3://data/tars/cut.tar", None, i.part) for i in items]
+    got = [d for run in runs(cut) for d in ByteReader(s3.options()).read_run(run)]
+    assert got[0] == paths[4].read_bytes()
+    assert got[1] == f"tar member cut off: 10 of {items[1].part[2]} bytes"
+    assert set(got[2:]) == {"cannot read tar member: OSError: [Errno 22] The requested range "
+                            "is not satisfiable"}  # wholly past the end: S3's own words

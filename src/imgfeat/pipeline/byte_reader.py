@@ -1,11 +1,15 @@
 """The encoded bytes of one item, wherever they are: a local file, an object (fsspec URL), a
 member of a tar, or a cell of a Parquet table. One reader per worker, shared by its threads.
 
-A tar member of a local, uncompressed tar is one positioned read. Any other tar (remote, or
-compressed) is read as one sequential stream per tar and worker: the items of a shard come
-in tar order, so the stream only moves forward, and the last `WINDOW` bytes it passed are kept
-so that threads asking slightly out of order need no restart. A Parquet cell is read with its
-row group's column, kept while the shard walks through that row group.
+A member of a plain (uncompressed) tar is a positioned read: of a local tar, one `pread`; of
+a tar on object storage, a ranged GET, and a shard reads consecutive members in runs (`runs`,
+`read_run`: one GET for up to `RUN_BYTES`), pipelined on the shard's I/O threads, so a tar
+is neither streamed a second time after the plan's walk nor read by one thread at a time. A
+compressed tar, or a tar on an http(s) server (which may ignore ranges), is read as one
+sequential stream per tar and worker: the items of a shard come in tar order, so the stream
+only moves forward, and the last `WINDOW` bytes it passed are kept so that threads asking
+slightly out of order need no restart. A Parquet cell is read with its row group's column,
+kept while the shard walks through that row group.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import gzip
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,6 +28,11 @@ from imgfeat.sources import Item
 from imgfeat.store import storage
 
 WINDOW = 64 << 20  # bytes of a tar stream kept behind its position
+# Tar members read by one ranged GET. One GET per member pays a request's cost per image (on
+# the benchmark's S3 server, 8 ms of CPU: slower than the stream); runs of 4 MiB make a few
+# dozen requests per GiB, and the I/O threads hold at most their number of runs.
+RUN_BYTES = 4 << 20
+_RUN_GAP = 1 << 20  # members further apart start a new run, so a large skipped member is not read
 _OPEN_STREAMS = 4  # tars (and row groups) a worker keeps open at once
 
 
@@ -51,10 +61,27 @@ class ByteReader:
         _, column, group, row = item.part
         return self._cell(item.path, column, group, row)
 
+    def read_run(self, run: list[Item]) -> list[bytes | str]:
+        """The bytes of each item of a run (see `runs`), or why it has none: members of one
+        tar on object storage in one ranged GET."""
+        if len(run) == 1:
+            return [self._bytes_or_why(run[0])]
+        start, end = run[0].part[1], run[-1].part[1] + run[-1].part[2]
+        try:
+            data = storage.read_bytes(run[0].path, self._options, start, end)
+        except Exception as exc:
+            return [f"cannot read tar member: {storage.reason(exc)}"] * len(run)
+        return [_member_or_why(data, item.part[1] - start, item.part[2]) for item in run]
+
+    def _bytes_or_why(self, item: Item) -> bytes | str:
+        try:
+            return self.read(item)
+        except ImageError as exc:
+            return str(exc)
+
     def _tar_member(self, location: str, offset: int, size: int) -> bytes:
-        compressed = not location.lower().endswith(".tar")
-        if not compressed and not storage.is_url(location):
-            data = storage.read_bytes(location, None, offset, offset + size)
+        if _ranged(location) or _plain(location) and not storage.is_url(location):  # positioned
+            data = storage.read_bytes(location, self._options, offset, offset + size)
         else:
             data = self._cached(self._streams, location,
                                 lambda: _TarStream(location, self._options)).read(offset, size)
@@ -81,6 +108,49 @@ class ByteReader:
                     cache.popitem(last=False)[1].close()
             cache.move_to_end(key)
             return found
+
+
+def runs(items: Iterable[Item]) -> Iterator[list[Item]]:
+    """The items in order, in runs that `ByteReader.read_run` reads at once: consecutive
+    members of one tar on object storage lying within `RUN_BYTES`; any other item alone."""
+    run: list[Item] = []
+    for item in items:
+        if run and not _extends(run, item):
+            yield run
+            run = []
+        run.append(item)
+    if run:
+        yield run
+
+
+def _extends(run: list[Item], item: Item) -> bool:
+    first, last = run[0], run[-1]
+    if not (_in_ranged_tar(first) and _in_ranged_tar(item) and item.path == first.path):
+        return False
+    start, end = first.part[1], last.part[1] + last.part[2]
+    offset, size = item.part[1], item.part[2]
+    return end <= offset <= end + _RUN_GAP and offset + size - start <= RUN_BYTES
+
+
+def _in_ranged_tar(item: Item) -> bool:
+    return item.error is None and item.part is not None and item.part[0] == "tar" \
+        and _ranged(item.path)
+
+
+def _plain(location: str) -> bool:
+    return location.lower().endswith(".tar")
+
+
+def _ranged(location: str) -> bool:
+    """Whether a tar's members are read by ranged GETs (a plain tar on object storage)."""
+    return _plain(location) and storage.ranges_work(location)
+
+
+def _member_or_why(data: bytes, at: int, size: int) -> bytes | str:
+    member = data[at:at + size]
+    if len(member) != size:  # the object ends early: it changed since the plan was recorded
+        return f"tar member cut off: {len(member)} of {size} bytes"
+    return member
 
 
 def _beside(table: str, path: str) -> str:
@@ -121,23 +191,27 @@ class _TarStream:
 
     def _reopen(self, offset: int) -> None:
         self.close()
-        if storage.is_url(self._location):
-            fs, path = storage.filesystem(self._location, self._options)
-            self._raw = storage.retrying(lambda: fs.open(path, "rb", block_size=8 << 20))
-        else:
-            self._raw = open(self._location, "rb")
-        gzipped = not self._location.lower().endswith(".tar")
+        self._raw = storage.open_sequential(self._location, self._options)
+        gzipped = not _plain(self._location)
         self._file = gzip.GzipFile(fileobj=self._raw) if gzipped else self._raw
-        self._file.seek(offset)  # a plain tar's seek is free; gzip decompresses up to it
-        self._position = self._start = offset
+        self._position = self._start = 0
+        self._skip_to(offset)
+
+    def _skip_to(self, offset: int) -> None:
+        """Forward to `offset` by reading (a streamed http body cannot seek; gzip decompresses
+        up to it anyway), the window emptied."""
+        while self._position < offset:
+            skipped = len(self._file.read(min(offset - self._position, 8 << 20)))
+            if not skipped:
+                break
+            self._position += skipped
+        self._start = self._position
         self._window = bytearray()
 
     def _advance(self, offset: int, end: int) -> None:
-        if offset > self._position + WINDOW and self._location.lower().endswith(".tar"):
-            self._file.seek(offset)  # far ahead in a plain tar: skip rather than read
-            self._position = self._start = offset
-            self._window = bytearray()
-        self._window += self._file.read(end - self._position)
+        if offset > self._position + WINDOW:
+            self._skip_to(offset)  # far ahead: drop rather than keep what lies between
+        self._window += storage.read_fully(self._file, end - self._position)
         self._position = self._start + len(self._window)
         keep = max(WINDOW, self._position - offset)
         if len(self._window) > keep:

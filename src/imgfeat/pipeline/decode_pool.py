@@ -15,7 +15,7 @@ import numpy as np
 
 from imgfeat.errors import ImageError
 from imgfeat.models.preprocess import Preprocess
-from imgfeat.pipeline.byte_reader import ByteReader
+from imgfeat.pipeline.byte_reader import ByteReader, runs
 from imgfeat.pipeline.cpu_decode import pixels_from_bytes
 from imgfeat.report.stage_times import OFF
 from imgfeat.sources import Item
@@ -78,6 +78,20 @@ def fetch(reader: ByteReader, item: Item) -> bytes | str | None:
         return reader.read(item)
     except ImageError as exc:
         return str(exc)
+
+
+def fetched(pool: ThreadPoolExecutor, reader: ByteReader, items: Iterable[Item],
+            in_flight: int) -> Iterator[tuple[Item, bytes | str | None]]:
+    """(item, its bytes or why none, None where the decode thread reads them) in order, read
+    on `pool` with `in_flight` reads at once; members of a tar on object storage are read in
+    runs, one ranged GET each (`byte_reader.runs`)."""
+    def read(run: list[Item]) -> list[bytes | str | None]:
+        if reads_ahead(run[0]):
+            return reader.read_run(run)
+        return [None] * len(run)
+
+    for run, data in ordered_map(pool, read, runs(items), in_flight):
+        yield from zip(run, data)
 
 
 def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T],

@@ -19,7 +19,7 @@ import torch
 
 from imgfeat.compute.extractor import Extractor, Pending
 from imgfeat.pipeline.byte_reader import ByteReader
-from imgfeat.pipeline.decode_pool import Encoded, fetch, load_pixels, ordered_map, reads_ahead
+from imgfeat.pipeline.decode_pool import Encoded, fetched, load_pixels, ordered_map, reads_ahead
 from imgfeat.pipeline.decode_processes import decoders
 from imgfeat.pipeline.gpu_decode import DeviceStage
 from imgfeat.report.stage_times import OFF, StageTimes
@@ -177,10 +177,7 @@ class ShardPipeline:
         if self._io_pool is None:
             self._io_pool = ThreadPoolExecutor(self._reads_in_flight,
                                                thread_name_prefix="imgfeat-read")
-        reader = self._reader
-        return ((item, data) for item, data in
-                ordered_map(self._io_pool, lambda item: fetch(reader, item), items,
-                            self._reads_in_flight))
+        return fetched(self._io_pool, self._reader, items, self._reads_in_flight)
 
     def _loader(self, current):
         """The decode threads' function. With `current`, it names the image being decoded;

@@ -130,9 +130,9 @@ def _exists(source: str, options: SourceOptions) -> bool:
     try:
         storage.retrying(lambda: fs.info(path))
         return True
-    except FileNotFoundError:
-        return False
     except Exception as exc:
+        if storage.is_missing(exc):
+            return False
         raise UsageError(f"cannot read source {source}: {storage.reason(exc)}") from None
 
 

@@ -7,7 +7,8 @@ records where its image member's bytes are in the (uncompressed) tar, so a worke
 without walking the tar again (`pipeline/byte_reader.py`); `txt` travels as `caption` and
 `json` as `json`. A tar cut off mid-way keeps the samples before the cut: one cut inside a
 member records that member's sample as an error; one cut at a header (where nothing says what
-followed) records the tar itself as an error. A file that is not a tar is one error record.
+followed) records the tar itself as an error; a stream that breaks (a server that drops the
+connection) is a cut like any other. A file that is not a tar is one error record.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ TEXT_MEMBERS = {"txt": "caption", "json": "json"}
 _MAX_TEXT = 1 << 20  # captions and json longer than this are not metadata
 _END_BLOCKS = 1024   # a complete tar ends with two zero blocks of 512 bytes
 _BROKEN = (tarfile.ReadError, EOFError, OSError, zlib.error)
+# A read of the stream that fails in any way: a remote body can also break with its client's
+# own errors (aiohttp's ClientPayloadError when a server drops the connection mid-body).
+_STREAM_FAILED = Exception
 
 
 def is_tar(name: str) -> bool:
@@ -55,7 +59,7 @@ def read_tar(location: str, storage_options: dict | None = None) -> Iterator[Ite
     """The samples of one tar, in the tar's order."""
     name = posixpath.basename(location)
     try:
-        handle = _open(location, storage_options)
+        handle = storage.open_sequential(location, storage_options)
     except Exception as exc:
         yield Item(name, None, f"cannot read tar: {storage.reason(exc)}")
         return
@@ -65,14 +69,12 @@ def read_tar(location: str, storage_options: dict | None = None) -> Iterator[Ite
         except _BROKEN as exc:
             yield Item(name, None, f"not a tar archive ({exc})")
             return
+        except _STREAM_FAILED as exc:
+            yield Item(name, None, f"cannot read tar: {storage.reason(exc)}")
+            return
         yield from _samples(tar, location, name)
 
 
-def _open(location: str, storage_options: dict | None):
-    if storage.is_url(location):
-        fs, path = storage.filesystem(location, storage_options)
-        return storage.retrying(lambda: fs.open(path, "rb", block_size=8 << 20))
-    return open(location, "rb")
 
 
 def _samples(tar: tarfile.TarFile, location: str, name: str) -> Iterator[Item]:
@@ -80,7 +82,7 @@ def _samples(tar: tarfile.TarFile, location: str, name: str) -> Iterator[Item]:
     while True:
         try:
             member = tar.next()
-        except _BROKEN as exc:
+        except _STREAM_FAILED as exc:
             yield _cut(sample, name, str(exc) or type(exc).__name__)
             return
         if member is None:
@@ -96,7 +98,7 @@ def _samples(tar: tarfile.TarFile, location: str, name: str) -> Iterator[Item]:
             sample = _Sample(key)
         try:
             _add_member(sample, ext, member, tar)
-        except _BROKEN as exc:
+        except _STREAM_FAILED as exc:
             yield _cut(sample, name, str(exc) or type(exc).__name__)
             return
     if sample is not None:
@@ -150,6 +152,6 @@ def _ends_whole(tar: tarfile.TarFile) -> bool:
     try:
         while stream.read(1 << 16):
             pass
-    except _BROKEN:
+    except _STREAM_FAILED:
         return False
     return stream.pos >= tar.offset + _END_BLOCKS

@@ -104,10 +104,49 @@ def read_bytes(location: str, storage_options: dict | None = None,
     return retrying(lambda: fs.cat_file(path, start=start, end=end))
 
 
+def ranges_work(location: str) -> bool:
+    """Whether ranged reads of a remote object can be trusted. Object stores honour them; an
+    http(s) server may ignore the Range header (python's http.server does) and send the whole
+    object, which fsspec passes on as if it were the range."""
+    return is_url(location) and not location.lower().startswith(("http://", "https://"))
+
+
+def open_sequential(location: str, storage_options: dict | None = None):
+    """A file read front to back: local, an object read in 8 MiB blocks, or an http(s) body
+    streamed by one GET (no ranges, so servers that ignore them work). Its `read(n)` may
+    return fewer than n bytes before the end: see `read_fully`."""
+    if not is_url(location):
+        return open(location, "rb")
+    fs, path = filesystem(location, storage_options)
+    block = 8 << 20 if ranges_work(location) else 0
+    return retrying(lambda: fs.open(path, "rb", block_size=block))
+
+
+def read_fully(handle, size: int) -> bytes:
+    """`size` bytes from `handle`, fewer only at its end (a streamed body's reads are short)."""
+    parts, left = [], size
+    while left > 0:
+        part = handle.read(left)
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def is_missing(exc: BaseException) -> bool:
+    """Whether a failure says that the file or object does not exist. fsspec's http client
+    raises FileNotFoundError for any failed size probe, a server that is down included; a
+    cause that is a connection failure (an OSError) tells that case apart."""
+    cause = exc.__cause__
+    return isinstance(exc, FileNotFoundError) and not (
+        isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError))
+
+
 def reason(exc: BaseException) -> str:
     """A short, one-line reason for a failed read, for an error record or a usage error."""
     if isinstance(exc, FileNotFoundError):
-        return "not found"
+        return "not found" if is_missing(exc) else reason(exc.__cause__)
     if denied(exc):
         return "access denied (check the credentials and storage options)"
     text = str(exc).splitlines()[0] if str(exc) else ""
