@@ -9,6 +9,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Tests never reach a model hub: a pretrained download must fail fast, not hang.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("IMGFEAT_TEST", "1")
+# A node that ends while shards of its run are missing waits up to this long for a shared file
+# system to show them (90 s by default); here no file system hides them, and node 0 of two
+# often runs alone.
+os.environ.setdefault("IMGFEAT_SETTLE_S", "2")
 
 from corpus import copy_photos, make_mixed_corpus, photo_paths  # noqa: E402
 from runs import make_many  # noqa: E402
