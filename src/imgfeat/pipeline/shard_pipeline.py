@@ -92,8 +92,8 @@ class ShardPipeline:
         self._in_flight: tuple[list[str], int, Pending] | None = None
         self._device = None if decode == "cpu" else DeviceStage(
             decode, extractor.preprocess, extractor.device, max_pixels, threads)
-        # Processes decode what the device does not take; JPEGs routed to the device need
-        # the device stage's state, so device decoding stays on threads.
+        # Only with --decode cpu: routing JPEGs to the device needs the device stage's state
+        # in this process, so the gpu and auto modes keep their readers on threads.
         self._processes = decoders(threads, extractor.preprocess, max_pixels, self._ahead,
                                    low_priority=yield_to_model, profile=profile) \
             if decode == "cpu" else None
