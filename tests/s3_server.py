@@ -7,6 +7,7 @@ import http.client
 import logging
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 KEY, SECRET = "testing", "testing"
@@ -53,9 +54,13 @@ class S3:
 class ThrottlingProxy:
     """Forwards to `target`; answers 503 SlowDown to every `every`-th GET of an object (never
     with `every=0`); `sent` counts the bytes of objects it passed on (GETs of an object),
-    `paths` the paths of those GETs."""
+    `paths` the paths of those GETs. With `head_delay`, each HEAD waits that long (a far
+    server's latency) and `heads_peak` is the most HEADs it held at once."""
 
-    def __init__(self, target_port: int, every: int = 3):
+    def __init__(self, target_port: int, every: int = 3, head_delay: float = 0.0):
+        self.heads = 0
+        self.heads_peak = 0
+        lock = threading.Lock()
         self.count = 0
         self.paths: list[str] = []
         self.throttled = 0
@@ -69,6 +74,13 @@ class ThrottlingProxy:
                 pass
 
             def _forward(self):
+                if self.command == "HEAD" and head_delay:
+                    with lock:
+                        proxy.heads += 1
+                        proxy.heads_peak = max(proxy.heads_peak, proxy.heads)
+                    time.sleep(head_delay)
+                    with lock:
+                        proxy.heads -= 1
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 if self.command == "GET" and "?" not in self.path:

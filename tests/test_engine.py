@@ -212,3 +212,37 @@ def test_out_of_memory_halves_the_batch(tmp_path, photos, monkeypatch):
     worker.close()
     assert result.rows == len(items) and worker.batch_size == 2
     assert sizes[:2] == [8, 4] and max(sizes[2:]) <= 2  # halved once, then kept small
+
+
+class _SlowListing:
+    """A layout whose listing shows committed shards late, as NFS does: one more each look."""
+
+    def __init__(self, views: list[set[int]]):
+        self.views, self.looks = views, 0
+
+    def committed(self) -> set[int]:
+        view = self.views[min(self.looks, len(self.views) - 1)]
+        self.looks += 1
+        return view
+
+
+def test_the_last_node_waits_for_shards_its_listing_does_not_show_yet(monkeypatch):
+    from imgfeat import run
+    from imgfeat.options import ExtractOptions
+    from imgfeat.plan.nodes import Node
+    from imgfeat.store.lease import Holder
+
+    node = Node.of(ExtractOptions(num_nodes=2, node_rank=0))
+    monkeypatch.setattr(run, "SETTLE_POLL_S", 0)
+    monkeypatch.setattr(run, "live_holders", lambda layout: [])
+    late = _SlowListing([{0}, {0}, {0, 1}])
+    assert run._await_visible(late, 2, node) == {0, 1}  # every other node ended: it waits
+    assert late.looks == 3
+    monkeypatch.setattr(run, "SETTLE_S", 0)
+    assert run._await_visible(_SlowListing([{0}, {0, 1}]), 2, node) == {0}  # not forever
+    monkeypatch.setattr(run, "SETTLE_S", 60)
+    peer = Holder("elsewhere", 1, node.run, 1, time.time())
+    monkeypatch.setattr(run, "live_holders", lambda layout: [peer])
+    busy = _SlowListing([{0}, {0, 1}])
+    assert run._await_visible(busy, 2, node) == {0}  # the peer, still at work, finishes up
+    assert busy.looks == 1

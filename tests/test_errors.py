@@ -40,6 +40,20 @@ def test_missing_source(tmp_path):
     assert not (tmp_path / "o").exists()  # nothing written for a refused run
 
 
+def test_a_refused_run_ends_the_workers_it_started(photos, tmp_path):
+    """The local engine's workers start loading the model while the sources and the store are
+    checked; a refusal ends them at once, without waiting for the model."""
+    import multiprocessing
+
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("not a store")
+    for sources, out, message in [(tmp_path / "nowhere", tmp_path / "o", "source not found"),
+                                  (photos, tmp_path / "foreign", "holds no imgfeat store")]:
+        with pytest.raises(imgfeat.UsageError, match=message):
+            imgfeat.extract(sources, out, model="timm:resnet18", weights="random")
+        assert multiprocessing.active_children() == []
+
+
 @pytest.mark.parametrize("spec, fragment", [
     ("timm:resnet5000", "unknown model timm:resnet5000"),
     ("torchvision:resnet5000", "unknown model torchvision:resnet5000"),

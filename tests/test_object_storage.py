@@ -74,6 +74,42 @@ def test_missing_bucket_prefix_or_tars_are_one_line(s3, source, message, tmp_pat
     assert not (tmp_path / "o").exists()  # refused before any work
 
 
+def test_the_names_of_a_pattern_are_looked_up_together(s3):
+    """Ten thousand tars 50 ms away took minutes to check one by one before any work."""
+    fs = s3.fs()
+    for number in range(40):
+        fs.pipe(f"data/many/{number:02d}.tar", b"")
+    proxy = ThrottlingProxy(s3.port, every=0, head_delay=0.05)
+    try:
+        options = SourceOptions(s3.options(proxy.endpoint))  # a client of its own: its port
+        assert check_sources(["s3://data/many/{00..39}.tar"], options)
+        assert proxy.heads_peak > 1
+        with pytest.raises(UsageError, match=r"names 41 files and 1 do not exist \(the first: "
+                                             r"s3://data/many/40.tar\)"):
+            check_sources(["s3://data/many/{00..40}.tar"], options)
+    finally:
+        proxy.stop()
+
+
+def test_workers_make_the_run_s_file_systems_ready_with_one_request(s3):
+    """A worker makes its s3fs client (half a second) while the first shard is planned, not
+    when the shard's first read needs it; a failure there is left to that read."""
+    from imgfeat.run import _remote_samples
+    from imgfeat.store.storage import warm_up
+
+    assert _remote_samples(["s3://data/tars/shard-{00..01}.tar", "/photos", "s3://data/photos"],
+                           "s3://data/out") == ("s3://data/tars/shard-00.tar",)
+    assert _remote_samples(["/photos"], "/out") == ()
+    proxy = ThrottlingProxy(s3.port, every=0, head_delay=0.001)
+    try:
+        options = s3.options(proxy.endpoint, skip_instance_cache=True)
+        warm_up(["s3://data/tars/shard-00.tar"], options)
+        assert proxy.heads_peak == 1
+        warm_up(["s3://no-such-bucket/x"], options)  # no error
+    finally:
+        proxy.stop()
+
+
 def test_wrong_credentials_are_one_line_before_any_work(s3, tmp_path, monkeypatch):
     from moto import settings
 

@@ -26,7 +26,7 @@ from imgfeat.plan.shards import (
 from imgfeat.report.progress import Reporter
 from imgfeat.report.stage_times import StageTimes
 from imgfeat.sources import check_sources, iter_items
-from imgfeat.sources.stream import SourceOptions, Tally, can_resume_after
+from imgfeat.sources.stream import SourceOptions, Tally, can_resume_after, expand
 from imgfeat.sources.tables import TableOptions
 from imgfeat.store.layout import TEMP_MARK, Layout, remove_temps_of
 from imgfeat.store.lease import STALE_S, live_holders
@@ -72,30 +72,51 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
         raise UsageError(f"unknown option(s): {', '.join(sorted(unknown))}")
     opts = ExtractOptions(**options)
     opts.check()
-    sources = check_sources([sources] if isinstance(sources, (str, Path)) else sources,
-                            source_options(opts))
-    node = Node.of(opts)
-    if node.count > 1 and opts.incremental:
-        raise UsageError("--incremental runs on one node; drop --num-nodes for it")
-    layout = open_layout(out, opts.storage_options)
-    _check_folder(layout, opts, node)
-    pull_log(layout, log_name(node.rank))  # on object storage: the log of earlier runs
+    given = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    engine = _early_engine(opts, str(out), given)
+    try:
+        sources = check_sources(given, source_options(opts))
+        node = Node.of(opts)
+        if node.count > 1 and opts.incremental:
+            raise UsageError("--incremental runs on one node; drop --num-nodes for it")
+        layout = open_layout(out, opts.storage_options)
+        _check_folder(layout, opts, node)
+        pull_log(layout, log_name(node.rank))  # on object storage: the log of earlier runs
+    except BaseException:
+        if engine is not None:
+            engine.abandon()
+        raise
     lock = RunLock(layout, node.rank, node.run)
     try:
-        if node.rank == 0 and layout.manifest.exists():  # refuse a busy store before any model
-            lock.acquire(overwrite=opts.overwrite)        # is loaded
-        manifest, outcome, reporter = _run(layout, sources, opts, node, lock)
+        if node.rank == 0 and layout.manifest.exists():  # refuse a busy store before the
+            lock.acquire(overwrite=opts.overwrite)        # model is in use
+        manifest, outcome, reporter = _run(layout, sources, opts, node, lock, engine)
         _finish(layout, manifest, node, reporter, outcome)
+    except BaseException:
+        if engine is not None:
+            engine.abandon()  # refused before _run took the workers on: nothing to wait for
+        raise
     finally:
         push_log(layout, log_name(node.rank))  # done or failed, the bucket's log says so
         lock.release()
     return Store(open_for_reading(out, opts.storage_options))
 
 
+def _early_engine(opts: ExtractOptions, out: str, sources: list) -> LocalEngine | None:
+    """The local engine, started first: its workers load the model (seconds) while the
+    sources and the store are checked (on object storage, seconds too). Ray's engine
+    connects to a cluster, which a refused run should not wait for: it starts in _run."""
+    if opts.engine != "local":
+        return None
+    location = out.rstrip("/") if is_url(out) else str(Path(out).resolve())  # Layout.location
+    return _engine(opts, location, _remote_samples([str(s) for s in sources], location))
+
+
 def _run(layout: Layout, sources: list[str], opts: ExtractOptions, node: Node,
-         lock: RunLock) -> tuple[dict, Outcome, Reporter]:
-    """Start the workers, open the store under the run lock, and extract every shard."""
-    engine = _engine(opts, layout.location)
+         lock: RunLock, engine: LocalEngine | None = None) -> tuple[dict, Outcome, Reporter]:
+    """Start the workers (unless started already), open the store under the run lock, and
+    extract every shard."""
+    engine = engine or _engine(opts, layout.location, _remote_samples(sources, layout.location))
     reporter = Reporter(opts.progress, log=layout.log)
     finished = False
     try:
@@ -117,7 +138,17 @@ def _run(layout: Layout, sources: list[str], opts: ExtractOptions, node: Node,
     return manifest, outcome, reporter
 
 
-def _engine(opts: ExtractOptions, out: str):
+def _remote_samples(sources: list[str], out: str) -> tuple[str, ...]:
+    """A URL on each remote file system that the workers will read or write (one per scheme:
+    the storage options are the same for all)."""
+    samples: dict[str, str] = {}
+    for url in [expand(source)[0] for source in sources] + [out]:
+        if is_url(url):
+            samples.setdefault(url.split("://", 1)[0], url)
+    return tuple(samples.values())
+
+
+def _engine(opts: ExtractOptions, out: str, remote: tuple[str, ...] = ()):
     if opts.engine == "ray":
         from imgfeat.engine.ray_engine import RayEngine, ray_placements
 
@@ -125,7 +156,7 @@ def _engine(opts: ExtractOptions, out: str):
                          out, opts.ray_address)
     local = LocalTask.of()  # several tasks per machine: each its share of GPUs and cores
     devices = local.devices(parse_devices(opts.devices), opts.devices)
-    return LocalEngine(place_workers(devices, opts.threads, local), opts, out)
+    return LocalEngine(place_workers(devices, opts.threads, local), opts, out, remote)
 
 
 def _open_locked(layout: Layout, identity: dict, opts: ExtractOptions, node: Node,

@@ -32,6 +32,7 @@ def ignore_commit(index: int, entry: list | None) -> None:
 
 MAX_START_FAILURES = 3  # deaths of one device's worker before it is ready
 POLL_S = 0.1
+IDLE_POLL_S = 0.01
 
 
 @dataclass
@@ -65,8 +66,11 @@ class Outcome:
 
 
 class LocalEngine:
-    def __init__(self, placements: list[Placement], options, out: str):
+    def __init__(self, placements: list[Placement], options, out: str,
+                 remote: tuple[str, ...] = ()):
+        """`remote`: URLs whose file systems workers make ready (worker_process_main)."""
         self._ctx = mp.get_context("spawn")
+        self._remote = tuple(remote)
         self._results = self._ctx.Queue()
         self._options, self._out = options, out
         self._pids: list[int] = []
@@ -84,7 +88,8 @@ class LocalEngine:
         # coordinator takes them along through PDEATHSIG (worker_process).
         process = self._ctx.Process(
             target=worker_process_main, name=f"imgfeat-worker-{number}", daemon=False,
-            args=(number, placement, self._options, self._out, tasks, self._results, current))
+            args=(number, placement, self._options, self._out, tasks, self._results, current,
+                  self._remote))
         process.start()
         self._pids.append(process.pid)
         return _Slot(number, placement, process, tasks, current, start_failures=start_failures)
@@ -108,6 +113,14 @@ class LocalEngine:
             raise ImgfeatError("workers disagree on the model they loaded; "
                                "use devices of one kind")
         return first
+
+    def abandon(self) -> None:
+        """End the workers of a run refused before its first shard: nothing of theirs to wait
+        for or clean up. Safe after stop()."""
+        for slot in self._slots:
+            if slot.process.is_alive():
+                slot.process.kill()
+            slot.process.join()
 
     def stop(self, graceful: bool = True) -> None:
         for slot in self._slots:
@@ -137,7 +150,9 @@ class LocalEngine:
                 return self.outcome
             if not any(not slot.retired for slot in self._slots):
                 raise ImgfeatError("every worker failed to start; see the messages above")
-            message = self._next_message()
+            idle = any(s.ready and s.task is None and not s.retired for s in self._slots)
+            # An idle worker waits on the planner: look for its next shard sooner.
+            message = self._next_message(IDLE_POLL_S if idle and not stream.finished else POLL_S)
             if message:
                 self._handle(message, reporter, waiting)
             self._check_deaths(reporter, waiting)
@@ -149,9 +164,9 @@ class LocalEngine:
                 slot.done_rows = slot.done_errors = 0
                 slot.tasks.put(slot.task)
 
-    def _next_message(self):
+    def _next_message(self, timeout: float = POLL_S):
         try:
-            return self._results.get(timeout=POLL_S)
+            return self._results.get(timeout=timeout)
         except queue.Empty:
             return None
 

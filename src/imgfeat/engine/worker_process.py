@@ -7,6 +7,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -14,13 +15,15 @@ from pathlib import Path
 from imgfeat.engine.placement import Placement, own_device_only
 from imgfeat.errors import UsageError
 from imgfeat.pipeline.device_worker import DeviceWorker, Task
+from imgfeat.store.storage import warm_up
 
 PARENT_CHECK_S = 1.0
 
 
 def worker_process_main(slot: int, placement: Placement, opts, out: str, tasks, results,
-                current) -> None:
-    """Entry point of a spawned worker process of the local engine."""
+                current, remote: tuple[str, ...] = ()) -> None:
+    """Entry point of a spawned worker process of the local engine. `remote`: a URL of each
+    remote file system the shards will read, made ready while the first shard is planned."""
     placement = own_device_only(placement)  # first: before anything can start CUDA
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
@@ -31,6 +34,9 @@ def worker_process_main(slot: int, placement: Placement, opts, out: str, tasks, 
         return
     _warnings_to(results, slot)
     results.put(("ready", slot, runner.identity()))
+    if remote:
+        threading.Thread(target=warm_up, args=(list(remote), opts.storage_options),
+                         name="imgfeat-warm-up", daemon=True).start()
     parent = os.getppid()
 
     def progress(rows: int, errors: int) -> None:
@@ -47,6 +53,18 @@ def worker_process_main(slot: int, placement: Placement, opts, out: str, tasks, 
             sys.exit(1)         # process retry it (a CUDA error leaves this one unusable)
         results.put(("done", slot, *done))
     runner.close()
+    _exit_now(results)
+
+
+def _exit_now(results) -> None:
+    """End without the interpreter's teardown, which (torch's above all) kept every run
+    waiting about a second for its workers. What must outlive the process is flushed first:
+    the messages to the coordinator and the standard streams; shard files are committed."""
+    results.close()
+    results.join_thread()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def _warnings_to(results, slot: int) -> None:

@@ -81,6 +81,19 @@ def retrying(call: Callable[[], T], retries: int = RETRIES) -> T:
     raise AssertionError("unreachable")
 
 
+def warm_up(urls: list[str], storage_options: dict | None = None) -> None:
+    """Make the client of each remote URL's file system ready (the library imported, its
+    session made: half a second for s3fs) with one cheap request, so that the first real
+    read does not wait for it. Best effort: a failure here is met again, and reported, by
+    the read that needs the file system."""
+    for url in urls:
+        try:
+            fs, path = filesystem(url, storage_options)
+            fs.info(path)
+        except Exception:  # noqa: BLE001 - see above
+            pass
+
+
 def listing(fs, path: str, detail: bool = True) -> list:
     """`fs.ls(path)` as the service says it now (retried), never a listing cached before:
     another process, a worker or another node, may have written there since. s3fs and gcsfs
