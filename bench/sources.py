@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +31,7 @@ from corpus import build  # noqa: E402
 MODEL = ["--model", "timm:resnet18", "--image-size", "64", "--shard-size", "500",
          "--dtype", "float16"]
 IN_FLIGHT = int(os.environ.get("IMGFEAT_READS_IN_FLIGHT", "16"))
+RUNS = 3  # timed runs of each line after a warm one: their median (this machine is noisy)
 
 
 def make_tars(folder: Path, files: list[Path], per_tar: int) -> list[Path]:
@@ -127,7 +129,7 @@ def main() -> None:
     for name, source, extra, ceiling in lines:
         command = imgfeat_command(source, work / "out", *MODEL, *extra)
         timed(command)  # warm: the files in the page cache, as the S3 server holds its objects
-        seconds = timed(command)
+        seconds = statistics.median(timed(command) for _ in range(RUNS))
         rate = args.count / seconds
         limit = None
         if ceiling is not None:
@@ -149,14 +151,16 @@ def main() -> None:
             f"start, {os.getloadavg()[0]:.1f} at the end; {args.count} JPEGs of about 500x375 "
             f"(quality 90), tars of {args.per_tar}; {' '.join(MODEL)}, random weights, "
             f"the local folder measured first and last (target: the faster of the two); "
-            f"default devices; whole processes, start-up included, each the second of two "
-            f"runs (the first warms the page cache: cold, local lines measure the disk); "
+            f"default devices; whole processes, start-up included, each the median of "
+            f"{RUNS} runs after a first that warms the page cache (cold, local lines measure "
+            f"the disk); "
             f"the S3 server is moto's on "
             f"127.0.0.1 in the benchmark's process, its ceiling a plain GET loop at "
             f"{IN_FLIGHT} in flight (imgfeat's reads in flight per worker).\n\n"
             + "\n".join(table_lines)
             + f"\n\nThe two reads of the tars on the S3 server, timed apart in the benchmark's "
-            f"process: the plan's walk (one stream per tar, for keys, offsets and captions) "
+            f"process: the plan's walk (one stream per tar, for keys, offsets and captions; in a "
+            f"run, it goes on while the model loads) "
             f"{walk:.2f} s, a worker's reads of the members (runs of up to 4 MiB, one ranged "
             f"GET each, {IN_FLIGHT} in flight) {reads:.2f} s, for {args.count} images.")
     print(body)

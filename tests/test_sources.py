@@ -141,3 +141,41 @@ def test_a_plan_file_that_failed_to_write_leaves_its_keys_unplanned(tmp_path, mo
     assert [s.index for s in resumed] == [1, 2]
     items = read_shard_items(layout, 1) + read_shard_items(layout, 2)
     assert [(i.key, i.error) for i in items] == [(f"{n}.jpg", None) for n in range(2, 6)]
+
+
+def test_the_early_walk_stays_a_bounded_step_ahead_and_passes_on_errors():
+    """The plan's walk runs while the model loads: at most `limit` items ahead of the planner;
+    the skipped count travels with each item; a failure reaches the planner; close() stops it."""
+    import threading
+
+    from imgfeat.plan.early_walk import EarlyWalk
+    from imgfeat.sources import Item
+    from imgfeat.sources.stream import Tally
+
+    walked = []
+    gate = threading.Event()
+
+    def items(tally):
+        for number in range(10):
+            tally.skipped += 1  # a file of another type before each image
+            walked.append(number)
+            if number == 3:
+                gate.set()
+            yield Item(f"k{number}", f"/x/{number}.jpg")
+        raise UsageError("the source went away")
+
+    tally = Tally()
+    walk = EarlyWalk(items(tally), tally, limit=3)
+    assert gate.wait(10)
+    walk._thread.join(0.2)
+    assert len(walked) == 4  # three in the queue, the fourth waiting for room
+    planner_tally = Tally()
+    taken = walk.items(planner_tally)
+    assert next(taken).key == "k0" and planner_tally.skipped == 1  # not the walk's count
+    assert [next(taken).key for _ in range(8)] == [f"k{n}" for n in range(1, 9)]
+    assert planner_tally.skipped == 9
+    with pytest.raises(UsageError, match="went away"):
+        list(taken)
+    stopped = EarlyWalk(iter(Item(f"k{n}", f"/{n}.jpg") for n in range(100)), Tally(), limit=2)
+    stopped.close()
+    assert not stopped._thread.is_alive()

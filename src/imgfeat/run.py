@@ -14,6 +14,7 @@ from imgfeat.engine.local import LocalEngine, Outcome
 from imgfeat.engine.placement import LocalTask, parse_devices, place_workers
 from imgfeat.errors import ImgfeatError, UsageError
 from imgfeat.options import ExtractOptions
+from imgfeat.plan.early_walk import AHEAD_SHARDS, EarlyWalk
 from imgfeat.plan.nodes import Node, NodeSlice
 from imgfeat.plan.shard_stream import FixedStream, FollowerStream, PlannerStream
 from imgfeat.plan.shards import (
@@ -87,16 +88,20 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
             engine.abandon()
         raise
     lock = RunLock(layout, node.rank, node.run)
+    walk = None
     try:
         if node.rank == 0 and layout.manifest.exists():  # refuse a busy store before the
             lock.acquire(overwrite=opts.overwrite)        # model is in use
-        manifest, outcome, reporter = _run(layout, sources, opts, node, lock, engine)
+        walk = _early_walk(layout, sources, opts, node)
+        manifest, outcome, reporter = _run(layout, sources, opts, node, lock, engine, walk)
         _finish(layout, manifest, node, reporter, outcome)
     except BaseException:
         if engine is not None:
             engine.abandon()  # refused before _run took the workers on: nothing to wait for
         raise
     finally:
+        if walk is not None:
+            walk.close()
         push_log(layout, log_name(node.rank))  # done or failed, the bucket's log says so
         lock.release()
     return Store(open_for_reading(out, opts.storage_options))
@@ -104,16 +109,30 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
 
 def _early_engine(opts: ExtractOptions, out: str, sources: list) -> LocalEngine | None:
     """The local engine, started first: its workers load the model (seconds) while the
-    sources and the store are checked (on object storage, seconds too). Ray's engine
-    connects to a cluster, which a refused run should not wait for: it starts in _run."""
-    if opts.engine != "local":
+    sources and the store are checked (on object storage, seconds too). Not for Ray, which
+    connects to a cluster that a refused run should not wait for, nor for an output on
+    object storage: a worker reads the store's manifest as it starts (its precision), which
+    must be the bucket's, pulled by open_layout first. Those start in _run."""
+    if opts.engine != "local" or is_url(out):
         return None
-    location = out.rstrip("/") if is_url(out) else str(Path(out).resolve())  # Layout.location
+    location = str(Path(out).resolve())  # Layout.location
     return _engine(opts, location, _remote_samples([str(s) for s in sources], location))
 
 
+def _early_walk(layout: Layout, sources: list[str], opts: ExtractOptions,
+                node: Node) -> EarlyWalk | None:
+    """The plan's walk, begun while the model loads, where the plan starts from nothing: a
+    new store, or one that --overwrite replaces, on the node that plans."""
+    if node.rank > 0 or (layout.manifest.exists() and not opts.overwrite):
+        return None
+    tally = Tally()
+    return EarlyWalk(iter_items(sources, source_options(opts), tally), tally,
+                     AHEAD_SHARDS * opts.shard_size)
+
+
 def _run(layout: Layout, sources: list[str], opts: ExtractOptions, node: Node,
-         lock: RunLock, engine: LocalEngine | None = None) -> tuple[dict, Outcome, Reporter]:
+         lock: RunLock, engine: LocalEngine | None = None,
+         walk: EarlyWalk | None = None) -> tuple[dict, Outcome, Reporter]:
     """Start the workers (unless started already), open the store under the run lock, and
     extract every shard."""
     engine = engine or _engine(opts, layout.location, _remote_samples(sources, layout.location))
@@ -126,7 +145,7 @@ def _run(layout: Layout, sources: list[str], opts: ExtractOptions, node: Node,
         reporter.append_log(f"start: run {node.run}, node {node.rank} of {node.count}, "
                             f"{socket.gethostname()} pid {os.getpid()}: {', '.join(sources)} "
                             f"-> {layout.location} ({identity['model']['spec']})")
-        outcome = _extract(engine, layout, manifest, sources, opts, node, reporter)
+        outcome = _extract(engine, layout, manifest, sources, opts, node, reporter, walk)
         finished = True
     except ImgfeatError as exc:
         if layout.manifest.exists():  # a store of ours: its log says why the run stopped
@@ -239,9 +258,10 @@ def _wait_for_manifest(layout: Layout, identity: dict, overwrite: bool) -> dict:
 
 
 def _extract(engine: LocalEngine, layout: Layout, manifest: dict, sources: list[str],
-             opts: ExtractOptions, node: Node, reporter: Reporter) -> Outcome:
+             opts: ExtractOptions, node: Node, reporter: Reporter,
+             walk: EarlyWalk | None = None) -> Outcome:
     tally = Tally()
-    stream = _shard_stream(layout, manifest, sources, opts, node, tally)
+    stream = _shard_stream(layout, manifest, sources, opts, node, tally, walk)
     walked = isinstance(stream, PlannerStream)
     committed = layout.committed()
     watched = _Watched(NodeSlice(stream, node.count, node.rank), committed, reporter,
@@ -259,7 +279,7 @@ def _extract(engine: LocalEngine, layout: Layout, manifest: dict, sources: list[
 
 
 def _shard_stream(layout: Layout, manifest: dict, sources: list[str], opts: ExtractOptions,
-                  node: Node, tally: Tally):
+                  node: Node, tally: Tally, walk: EarlyWalk | None = None):
     """Where the engine's shards come from. The plan files on disk are the truth: every one of
     them is scheduled (those committed are skipped by the engine), whatever the manifest's
     copy of the plan says, so a run killed at any instant of planning loses nothing."""
@@ -289,7 +309,11 @@ def _shard_stream(layout: Layout, manifest: dict, sources: list[str], opts: Extr
         after = None  # walked again from the start, which also counts every skipped file
     else:
         tally.skipped = skipped  # those before `after`, which the walk will not see
-    planner = plan_shards(iter_items(sources, options, tally, after=after), layout,
+    if walk is not None and after is None and not recorded:
+        items = walk.items(tally)  # begun while the model loaded
+    else:
+        items = iter_items(sources, options, tally, after=after)
+    planner = plan_shards(items, layout,
                           opts.shard_size, recorded, skip_known=incremental,
                           seeked=after is not None, tally=tally)
     return PlannerStream(planner, known=recorded)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from functools import cached_property
+from functools import cached_property, partial
 
 import h5py
 import numpy as np
@@ -128,8 +128,10 @@ class Store:
 
     @cached_property
     def _index(self) -> RowIndex:
-        return RowIndex(self.layout.row_index, self.layout.shard_stamp, self._shard,
-                        lambda: recorded(self.layout))
+        # Not bound to the store: a cycle through it would leave its open shards to the
+        # cyclic collector (see Store.close).
+        return RowIndex(self.layout.row_index, self.layout.shard_stamp, self._files.get,
+                        partial(recorded, self.layout))
 
     @cached_property
     def _counts(self) -> dict[int, tuple[int, int]]:
@@ -160,9 +162,10 @@ class Store:
         self._counts  # noqa: B018  (indexes every shard first)
         return self._index.overflow_rows(self.shards)
 
-    @cached_property
+    @property
     def keys(self) -> Keys:
-        """Every row's key, in row order, read on demand (a sequence, not a list in memory)."""
+        """Every row's key, in row order, read on demand (a sequence, not a list in memory).
+        Made anew each time: one kept here would make a cycle (see _index)."""
         return Keys(self)
 
     @cached_property
