@@ -37,7 +37,9 @@ def _extract(source: Path, out: Path, processes: str, **env: str) -> subprocess.
 
 
 def _shared_memory() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
+    """Shared memory segments and multiprocessing's named semaphores (the decode pool's
+    queues): a worker that ends must leave none of either in /dev/shm."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith(("psm_", "sem.mp-"))}
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ backend settings, an ONNX model that cannot reach CUDA, and --compile's batch si
 errors."""
 
 import multiprocessing as mp
+import os
 import shutil
 import weakref
 from types import SimpleNamespace
@@ -337,3 +338,20 @@ def test_compile_on_cuda_gives_the_eager_features():
     a, b = compiled_model(pixels)["pre_logits"], eager(pixels)["pre_logits"]
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() > 0.99 and compiled_model._run.failure is None
+
+
+def test_a_worker_that_ends_leaves_no_named_semaphore_behind():
+    """Workers end with os._exit (the interpreter's teardown took a second), but after the
+    exit handlers: multiprocessing's unlink the named semaphores of the decode pool's queues,
+    which were left in /dev/shm (this test's tracker, pytest's, would remove them only when
+    pytest ends)."""
+    from worker_view import lock_then_exit
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=lock_then_exit, args=(results,))
+    process.start()
+    name = results.get(timeout=120)
+    process.join(timeout=120)
+    assert process.exitcode == 0
+    assert not os.path.exists(f"/dev/shm/sem.{name.lstrip('/')}")

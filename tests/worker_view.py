@@ -21,3 +21,12 @@ def report_view(placement, results, count_devices: bool) -> None:
 
     worker_process.DeviceWorker = Recorder
     worker_process.worker_process_main(0, placement, None, "", None, results, None)
+
+
+def lock_then_exit(results) -> None:
+    """Make a named semaphore (as the decode pool's queues do), then end as a worker ends."""
+    import multiprocessing
+
+    lock = multiprocessing.get_context("spawn").Lock()
+    results.put(lock._semlock.name)
+    worker_process._exit_now(results)

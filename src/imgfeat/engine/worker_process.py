@@ -3,6 +3,7 @@ then runs the shards its engine sends until told to stop, or until its parent di
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import signal
@@ -57,11 +58,14 @@ def worker_process_main(slot: int, placement: Placement, opts, out: str, tasks, 
 
 
 def _exit_now(results) -> None:
-    """End without the interpreter's teardown, which (torch's above all) kept every run
-    waiting about a second for its workers. What must outlive the process is flushed first:
-    the messages to the coordinator and the standard streams; shard files are committed."""
+    """End without the interpreter's teardown of every object, which (torch's above all) kept
+    every run waiting about a second for its workers. What must outlive the process is done
+    first: the messages to the coordinator and the standard streams flushed, and the exit
+    handlers run (multiprocessing's unlink the decode pool's named semaphores: skipped, they
+    were left in /dev/shm)."""
     results.close()
     results.join_thread()
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(0)
