@@ -76,17 +76,24 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
     given = [sources] if isinstance(sources, (str, Path)) else list(sources)
     engine = _early_engine(opts, str(out), given)
     try:
-        sources = check_sources(given, source_options(opts))
-        node = Node.of(opts)
-        if node.count > 1 and opts.incremental:
-            raise UsageError("--incremental runs on one node; drop --num-nodes for it")
-        layout = open_layout(out, opts.storage_options)
-        _check_folder(layout, opts, node)
-        pull_log(layout, log_name(node.rank))  # on object storage: the log of earlier runs
+        _checked_run(given, out, opts, engine)
     except BaseException:
         if engine is not None:
-            engine.abandon()
+            engine.abandon()  # no worker outlives a refused or failed run (after stop: no-op)
         raise
+    return Store(open_for_reading(out, opts.storage_options))
+
+
+def _checked_run(given: list, out: str, opts: ExtractOptions,
+                 engine: LocalEngine | None) -> None:
+    """Check the sources and the output, then run under the node's run lock."""
+    sources = check_sources(given, source_options(opts))
+    node = Node.of(opts)
+    if node.count > 1 and opts.incremental:
+        raise UsageError("--incremental runs on one node; drop --num-nodes for it")
+    layout = open_layout(out, opts.storage_options)
+    _check_folder(layout, opts, node)
+    pull_log(layout, log_name(node.rank))  # on object storage: the log of earlier runs
     lock = RunLock(layout, node.rank, node.run)
     walk = None
     try:
@@ -95,16 +102,11 @@ def extract(sources: Iterable[str] | str, out: str, **options) -> Store:
         walk = _early_walk(layout, sources, opts, node)
         manifest, outcome, reporter = _run(layout, sources, opts, node, lock, engine, walk)
         _finish(layout, manifest, node, reporter, outcome)
-    except BaseException:
-        if engine is not None:
-            engine.abandon()  # refused before _run took the workers on: nothing to wait for
-        raise
     finally:
         if walk is not None:
             walk.close()
         push_log(layout, log_name(node.rank))  # done or failed, the bucket's log says so
         lock.release()
-    return Store(open_for_reading(out, opts.storage_options))
 
 
 def _early_engine(opts: ExtractOptions, out: str, sources: list) -> LocalEngine | None:
