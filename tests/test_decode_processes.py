@@ -54,7 +54,7 @@ def test_processes_give_the_threads_rows_and_errors(mixed_corpus, threads_run, t
     before = _shared_memory()
     result = _extract(mixed_corpus[0], tmp_path / "o", "1")
     assert result.returncode == 0, result.stderr
-    assert "leaked" not in result.stderr  # the ring is unlinked by its worker
+    assert "leaked" not in result.stderr, result.stderr  # the ring is unlinked by its worker
     assert_same_store(tmp_path / "o", threads_run)  # bitwise, errors and reasons alike
     assert imgfeat.open_store(threads_run).errors  # the corpus's bad files are there
     assert "failed" not in (tmp_path / "o" / "imgfeat.log").read_text()  # no shard retried

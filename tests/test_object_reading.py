@@ -143,6 +143,64 @@ def test_reading_one_row_fetches_a_small_part_of_the_store(s3, tmp_path, monkeyp
     assert first < size / 4, (first, size)  # measured: 1.9 MB of 17.0 MB
 
 
+# Run in its own process: without the pause it hangs for ever, holding h5py's lock.
+_COLLECTION_ON_THE_IO_THREAD = """
+import asyncio, gc, sys
+import h5py, numpy as np, s3fs
+import imgfeat
+
+url, local, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+held = []
+
+async def let_go():  # on fsspec's I/O thread: the file becomes young cyclic garbage
+    cycle = [held.pop()]
+    cycle.append(cycle)
+    del cycle
+    [[] for _ in range(50)]  # allocations: with a threshold of 1, a collection here
+
+original = s3fs.core.S3File._fetch_range
+def fetch(self, start, end):  # inside HDF5's read, holding h5py's lock
+    if held:
+        asyncio.run_coroutine_threadsafe(let_go(), self.fs.loop)
+    return original(self, start, end)
+s3fs.core.S3File._fetch_range = fetch  # before the shards are opened: their caches keep it
+
+store = imgfeat.open_store(url, storage_options=options)
+assert len(store) == 2000  # rows counted first: the fetches below read features
+held.append(h5py.File(local, "r"))
+gc.set_threshold(1, 1, 1)
+print(np.asarray(store.features()).shape)
+assert not held
+store.close()  # before the interpreter ends: the patched read is gone by then
+"""
+
+
+def test_a_collection_on_fsspecs_thread_does_not_deadlock_a_read(s3, tmp_path):
+    """HDF5 reads a shard holding h5py's lock and waits for fsspec's I/O thread; freeing an
+    h5py object needs that lock. A cyclic collection on the I/O thread that frees one must not
+    happen then (store/paused_collection.py). Deterministic: the I/O thread itself makes the
+    garbage while the reader waits on it, and every allocation may start a collection."""
+    import subprocess
+    import sys
+
+    import h5py
+
+    wide_store(tmp_path / "wide", shards=2, rows=1000, dim=256)  # 1 MB each
+    s3.fs().put(str(tmp_path / "wide"), "feats/gc-wide", recursive=True)
+    with h5py.File(tmp_path / "other.h5", "w") as other:
+        other["a"] = np.arange(3)
+    script = "import json\n" + _COLLECTION_ON_THE_IO_THREAD
+    options = json.dumps(s3.options(skip_instance_cache=True))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script, "s3://feats/gc-wide", str(tmp_path / "other.h5"),
+             options], capture_output=True, text=True, timeout=60,
+            env={**__import__("os").environ, "IMGFEAT_STAGING": str(tmp_path / "cache")})
+    except subprocess.TimeoutExpired:
+        pytest.fail("the read deadlocked: a collection on fsspec's thread freed an h5py object")
+    assert done.returncode == 0 and done.stdout.strip() == "(2000, 256)", done.stderr
+
+
 def test_info_export_index_and_search_read_an_s3_store(s3, runs, tmp_path, capsys):
     capsys.readouterr()
     assert cli(s3, "info", URL) == 0

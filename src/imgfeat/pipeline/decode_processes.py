@@ -11,6 +11,7 @@ itself, where the image that kills it is found and recorded as an error (engine.
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import signal
@@ -144,6 +145,7 @@ def _start(worker: int, name: str, shape: tuple, preprocess: Preprocess,
     # The worker's pid, not getppid(): the worker may have died while this process started.
     threading.Thread(target=_exit_with, args=(worker,), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    atexit.register(_end_now)
     if low_priority and sys.platform.startswith("linux"):
         os.setpriority(os.PRIO_PROCESS, 0, 10)  # as decode threads sharing the model's cores
     try:
@@ -158,6 +160,17 @@ def _start(worker: int, name: str, shape: tuple, preprocess: Preprocess,
         memory = SharedMemory(name=name)
     _state.update(memory=memory, ring=np.ndarray(shape, dtype=np.uint8, buffer=memory.buf),
                   preprocess=preprocess, max_pixels=max_pixels, profile=profile)
+
+
+def _end_now() -> None:
+    """The last exit handler (registered after torch's): end without the interpreter's
+    teardown, which, torch's above all, took this process seconds at a low priority on a busy
+    machine (its worker then waited past its engine's patience and was killed, leaving the
+    pool's semaphores and ring to the resource tracker's warnings). Nothing here needs it:
+    multiprocessing has run its own exit handlers already."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def _exit_with(parent: int) -> None:

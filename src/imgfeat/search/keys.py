@@ -7,7 +7,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from imgfeat.store.paused_collection import collection_paused, paused
 
+
+@paused
 def keys_of(store, rows) -> list[str]:
     """The keys of `rows` (any order, repeats allowed)."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -27,4 +30,6 @@ def keys_of(store, rows) -> list[str]:
 def all_keys(store) -> Iterator[str]:
     """Every key in row order, one shard in memory at a time."""
     for index in store.shards:
-        yield from store._shard(index)["keys"].asstr()[:].tolist()
+        with collection_paused():
+            keys = store._shard(index)["keys"].asstr()[:].tolist()
+        yield from keys

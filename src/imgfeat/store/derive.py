@@ -15,6 +15,7 @@ import numpy as np
 from imgfeat.errors import UsageError
 from imgfeat.store.layout import Layout, write_atomic
 from imgfeat.store.manifest import identity_digest, write_manifest
+from imgfeat.store.paused_collection import paused
 from imgfeat.store.reader import Store
 from imgfeat.store.remote import open_for_reading, open_layout
 from imgfeat.store.virtual import build_virtual_file
@@ -77,6 +78,7 @@ def _copy_plan(source: Layout, target: Layout) -> None:
             target.remote.publish(path, f"plan/{path.name}")
 
 
+@paused
 def _derive_shard(store: Store, index: int, layer: str, target: Layout, manifest: dict,
                   transform: Callable[[np.ndarray], np.ndarray]) -> None:
     source = store._shard(index)

@@ -12,6 +12,7 @@ import numpy as np
 from imgfeat.errors import UsageError
 from imgfeat.store.layout import Layout, feature_datasets
 from imgfeat.store.manifest import identity_digest, read_manifest
+from imgfeat.store.paused_collection import collection_paused, paused
 from imgfeat.store.row_index import RowIndex
 from imgfeat.store.shard_cache import ShardCache
 from imgfeat.store.shard_counts import recorded
@@ -172,8 +173,9 @@ class Store:
     def meta_names(self) -> list[str]:
         """Names of the text carried with rows (caption, json, a table's meta columns)."""
         names: set[str] = set()
-        for i in self.shards:
-            names.update(self._shard(i).get("meta", {}).keys())
+        with collection_paused():
+            for i in self.shards:
+                names.update(self._shard(i).get("meta", {}).keys())
         return sorted(names)
 
     def metadata(self, name: str) -> list[str]:
@@ -183,12 +185,13 @@ class Store:
     def iter_metadata(self, name: str) -> Iterator[str]:
         """`metadata(name)` streamed: one shard's column in memory at a time."""
         for i in self.shards:
-            shard = self._shard(i)
-            column = shard.get("meta", {}).get(name)
-            if column is None:
-                yield from [""] * shard["keys"].shape[0]
-            else:
-                yield from column.asstr()[:]
+            yield from self._metadata_of(i, name)
+
+    @paused
+    def _metadata_of(self, index: int, name: str) -> list[str]:
+        shard = self._shard(index)
+        column = shard.get("meta", {}).get(name)
+        return [""] * shard["keys"].shape[0] if column is None else column.asstr()[:].tolist()
 
     @property
     def errors(self) -> list[tuple[str, str]]:
@@ -198,8 +201,12 @@ class Store:
     def iter_errors(self) -> Iterator[tuple[str, str]]:
         for i in self.shards:
             if self._counts[i][1]:
-                group = self._shard(i)["errors"]
-                yield from zip(group["keys"].asstr()[:], group["reasons"].asstr()[:])
+                yield from self._errors_of(i)
+
+    @paused
+    def _errors_of(self, index: int) -> list[tuple[str, str]]:
+        group = self._shard(index)["errors"]
+        return list(zip(group["keys"].asstr()[:], group["reasons"].asstr()[:]))
 
     def iter_batches(self, batch_size: int = 65_536, layer: str | None = None
                      ) -> Iterator[tuple[list[str], np.ndarray]]:
@@ -225,8 +232,13 @@ class Store:
             rows = self._counts[index][0]
             for start in range(0, rows, size):  # the file is fetched again for each piece:
                 end = min(rows, start + size)    # the consumer may have read other shards
-                keys = self._shard(index)["keys"].asstr()[start:end].tolist()
-                yield keys, self._dataset(index, layer)[start:end]
+                yield self._piece(index, layer, start, end)
+
+    @paused
+    def _piece(self, index: int, layer: str, start: int, end: int
+               ) -> tuple[list[str], np.ndarray]:
+        keys = self._shard(index)["keys"].asstr()[start:end].tolist()
+        return keys, self._dataset(index, layer)[start:end]
 
     def features(self, layer: str | None = None) -> Features:
         """All features of `layer` (needed when the store holds several) as a lazy
@@ -312,14 +324,17 @@ class Keys(Sequence):
         store = self._store
         position = int(np.searchsorted(store._offsets, row, side="right")) - 1
         local = row - int(store._offsets[position])
-        return store._shard(store.shards[position])["keys"].asstr()[local]
+        with collection_paused():
+            return store._shard(store.shards[position])["keys"].asstr()[local]
 
     def __iter__(self) -> Iterator[str]:
         store = self._store
         for index in store.shards:
             rows = store._counts[index][0]
             for start in range(0, rows, 65_536):
-                yield from store._shard(index)["keys"].asstr()[start:start + 65_536].tolist()
+                with collection_paused():
+                    keys = store._shard(index)["keys"].asstr()[start:start + 65_536].tolist()
+                yield from keys
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, str):
@@ -365,6 +380,7 @@ class Features:
             return self._rows(np.flatnonzero(selection))
         return self._rows(np.where(selection < 0, selection + len(self), selection).ravel())
 
+    @paused
     def _rows(self, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
         if len(rows) == 0:

@@ -37,6 +37,7 @@ import h5py
 from imgfeat.errors import UsageError
 from imgfeat.store import storage
 from imgfeat.store.layout import Layout
+from imgfeat.store.paused_collection import PausedReads
 
 _OWN = ("manifest.json", "plan", "shards")
 LOG = "imgfeat.log"  # uploaded when a run ends; kept by --overwrite, as in a local folder
@@ -176,10 +177,12 @@ class Remote:
 
 
 class _ObjectFile(h5py.File):
-    """An HDF5 file read through an fsspec file object, which it closes when it closes."""
+    """An HDF5 file read through an fsspec file object, which it closes when it closes. Its
+    reads pause the cyclic collector (store/paused_collection.py: else a collection on
+    fsspec's I/O thread can deadlock with h5py's lock)."""
 
     def __init__(self, handle):
-        super().__init__(handle, "r")
+        super().__init__(PausedReads(handle), "r")
         self._handle = handle
 
     def close(self) -> None:

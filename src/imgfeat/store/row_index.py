@@ -27,6 +27,8 @@ from pathlib import Path
 
 import h5py
 
+from imgfeat.store.paused_collection import paused
+
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS shards (shard INTEGER PRIMARY KEY, stamp TEXT, rows INT, "
     "errors INT, identity TEXT, overflow INT, keyed INT DEFAULT 0)",
@@ -101,6 +103,7 @@ class RowIndex:
                                  fresh)
         return found
 
+    @paused
     def _read(self, index: int, stamp: str) -> tuple:
         """(index, stamp, rows, errors, identity, overflow rows) of a shard not indexed yet:
         from the store's record if it counted this very file (same stamp), else its header."""
@@ -152,6 +155,7 @@ class RowIndex:
         self._db.commit()
         self._all_keyed = True
 
+    @paused
     def _add_keys(self, index: int) -> int:
         keys = self._open_shard(index)["keys"]
         for start in range(0, keys.shape[0], KEY_BATCH):

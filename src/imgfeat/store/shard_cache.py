@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import h5py
 
+from imgfeat.store.paused_collection import paused
+
 DEFAULT_CAPACITY = 32
 
 
@@ -46,6 +48,7 @@ class ShardCache:
         self._open: OrderedDict[int, h5py.File] = OrderedDict()
         self._lock = threading.Lock()  # a Store may be read from several threads
 
+    @paused  # opening and closing read the file
     def get(self, index: int) -> h5py.File:
         with self._lock:
             handle = self._open.get(index)
@@ -60,6 +63,7 @@ class ShardCache:
     def __len__(self) -> int:
         return len(self._open)
 
+    @paused
     def close(self) -> None:
         while self._open:
             self._open.popitem()[1].close()

@@ -13,6 +13,7 @@ import h5py
 from imgfeat.plan.shards import read_shard_items
 from imgfeat.store.layout import feature_datasets
 from imgfeat.store.manifest import identity_digest
+from imgfeat.store.paused_collection import paused
 from imgfeat.store.reader import Store
 
 MAX_DUPLICATES_SHOWN = 3
@@ -54,20 +55,28 @@ class _KeyOwners:
         self._db.close()
 
 
+@paused
+def _read_shard(store: Store, index: int, datasets: dict[str, str]) -> tuple:
+    """(identity, keys, error keys, reasons, {layer: (shape, dtype, rows)}) of a shard,
+    every feature read once (a damaged chunk raises here)."""
+    with store.layout.open_shard(index) as shard:
+        identity = shard.attrs.get("identity")
+        keys = shard["keys"].asstr()[:].tolist()
+        error_keys = shard["errors/keys"].asstr()[:].tolist()
+        reasons = shard["errors/reasons"].asstr()[:].tolist()
+        found = {}
+        for layer, path in datasets.items():
+            features = shard[path]
+            found[layer] = (tuple(features.shape[1:]), features.dtype, features.shape[0])
+            _read_all(features)
+    return identity, keys, error_keys, reasons, found
+
+
 def _check_shard(store: Store, index: int, seen: _KeyOwners) -> Iterator[str]:
     name = f"shard {index} ({store.layout.shard_file(index).name})"
     datasets = feature_datasets(store.layers)
     try:
-        with store.layout.open_shard(index) as shard:
-            identity = shard.attrs.get("identity")
-            keys = shard["keys"].asstr()[:].tolist()
-            error_keys = shard["errors/keys"].asstr()[:].tolist()
-            reasons = shard["errors/reasons"].asstr()[:].tolist()
-            found = {}
-            for layer, path in datasets.items():
-                features = shard[path]
-                found[layer] = (tuple(features.shape[1:]), features.dtype, features.shape[0])
-                _read_all(features)
+        identity, keys, error_keys, reasons, found = _read_shard(store, index, datasets)
     except (OSError, KeyError, ValueError) as exc:
         yield f"{name} is unreadable: {str(exc).splitlines()[0] if str(exc) else exc!r}"
         return
