@@ -3,12 +3,12 @@
 Such a shard is an HDF5 file read through an fsspec file object (store/remote.py): HDF5 calls
 back into Python for its bytes, holding h5py's global lock, and for an async file system
 (s3fs, gcsfs, adlfs) the callback waits for fsspec's I/O thread. A cyclic collection that
-frees an h5py object (a user's, or one in an exception's traceback) in the middle of that is
-fatal either way:
+frees an h5py object (a user's, or one in an exception's traceback) in the middle of that:
 
-- on the I/O thread, freeing needs h5py's lock: each thread waits on the other for ever (seen:
-  the test suite hung in a whiten that read from S3);
-- on the reading thread, HDF5 is re-entered from its own callback (seen: a segfault at exit).
+- on the I/O thread, needs h5py's lock: each thread waits on the other for ever (seen: the
+  test suite hung in a whiten that read from S3; reproduced by tests/test_object_reading.py);
+- on the reading thread, re-enters HDF5 from its own callback, which HDF5 does not promise to
+  survive (not seen; a pause at the read alone would make it the rule).
 
 So every h5py call on a store's shards runs with the collector paused (`paused`), and starts
 only once a collection already running on another thread has ended (one that began before the
