@@ -163,11 +163,11 @@ def _start(worker: int, name: str, shape: tuple, preprocess: Preprocess,
 
 
 def _end_now() -> None:
-    """The last exit handler (registered after torch's): end without the interpreter's
-    teardown, which, torch's above all, took this process seconds at a low priority on a busy
-    machine (its worker then waited past its engine's patience and was killed, leaving the
-    pool's semaphores and ring to the resource tracker's warnings). Nothing here needs it:
-    multiprocessing has run its own exit handlers already."""
+    """An exit handler: end without the interpreter's teardown (handlers registered after
+    this one have run; those before it need not), which, torch's above all, took this
+    process seconds at a low priority on a busy machine: its worker then waited past its
+    engine's patience and was killed, leaving the pool's semaphores and ring to the resource
+    tracker's warnings. multiprocessing has run its own exit handlers already."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(0)
