@@ -3,11 +3,9 @@ rows should not load ten million keys to name them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 
-from imgfeat.store.paused_collection import collection_paused, paused
+from imgfeat.store.paused_collection import paused
 
 
 @paused
@@ -25,11 +23,3 @@ def keys_of(store, rows) -> list[str]:
         found = store._shard(store.shards[position])["keys"].asstr()[unique.tolist()]
         out[mask] = np.asarray(found, dtype=object)[inverse]
     return out.tolist()
-
-
-def all_keys(store) -> Iterator[str]:
-    """Every key in row order, one shard in memory at a time."""
-    for index in store.shards:
-        with collection_paused():
-            keys = store._shard(index)["keys"].asstr()[:].tolist()
-        yield from keys

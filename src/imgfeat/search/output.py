@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from imgfeat.errors import UsageError
-from imgfeat.search.keys import all_keys, keys_of
+from imgfeat.search.keys import keys_of
 from imgfeat.store.layout import commit, temp_path
 
 FORMATS = ("table", "csv", "json")
@@ -73,7 +73,7 @@ def write_keep_list(groups, store, path: str) -> int:
     kept = 0
     try:
         with open(temp, "w", encoding="utf-8") as handle:
-            for key, dropped in zip(all_keys(store), drop.tolist()):
+            for key, dropped in zip(store.keys, drop.tolist()):
                 if not dropped:
                     handle.write(key + "\n")
                     kept += 1

@@ -15,7 +15,8 @@ only once a collection already running on another thread has ended (one that beg
 pause could still be freeing h5py objects). Collections that come due meanwhile run after the
 call, outside HDF5. Reads themselves pause too (`PausedReads`), for a call this module's users
 have not wrapped. Local shards need none of it (HDF5 reads them in C), but the pause costs
-about a microsecond, so the reader does not tell them apart.
+about 2 us (measured: a pause's start and end), against about 245 us to read one row of a
+local shard, so the reader does not tell them apart.
 """
 
 from __future__ import annotations
